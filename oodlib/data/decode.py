@@ -1,0 +1,105 @@
+"""Decode encoded images into normalized model input, or say why not.
+
+:func:`decode_batch` never raises for a bad image: it returns the reason per image so the caller
+can quarantine it, and the batch goes on.
+"""
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from oodlib.models.base import Preprocess
+
+#: Larger images are refused as decompression bombs (PIL warns at 89 Mpx, errors at twice that).
+MAX_PIXELS = 64_000_000
+
+
+class DecodeError(ValueError):
+    """An image that cannot be decoded; the message is the quarantine reason."""
+
+
+def load_pil(data: bytes | None, path: str | None) -> Image.Image:
+    """Open and fully decode one image from bytes or a path; raise :class:`DecodeError`."""
+    if data is None:
+        if not path:
+            raise DecodeError("no image bytes and no path")
+        try:
+            data = Path(path).read_bytes()
+        except OSError as exc:
+            raise DecodeError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    if len(data) == 0:
+        raise DecodeError("zero-length image bytes")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            if img.width * img.height > MAX_PIXELS:
+                raise DecodeError(f"decompression bomb: {img.width}x{img.height} pixels > {MAX_PIXELS}")
+            img.load()
+    except DecodeError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise DecodeError(f"decompression bomb: {exc}") from exc
+    except Exception as exc:  # PIL raises many types (OSError, SyntaxError, ValueError …)
+        raise DecodeError(f"undecodable image: {type(exc).__name__}: {exc}") from exc
+    return img
+
+
+def to_mode(img: Image.Image, mode: str) -> Image.Image:
+    """Convert any PIL mode (palette, RGBA, CMYK, 16-bit, float) to ``"L"`` or ``"RGB"``."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") else max(float(arr.max()), 1.0)
+        img = Image.fromarray(np.clip(arr / top * 255.0, 0, 255).astype(np.uint8), mode="L")
+    if img.mode in ("RGBA", "LA", "P", "PA"):
+        img = img.convert("RGBA")
+        background = Image.new("RGBA", img.size, (0, 0, 0, 255))
+        img = Image.alpha_composite(background, img)
+    return img.convert(mode)
+
+
+def preprocess_pil(img: Image.Image, pre: Preprocess) -> np.ndarray:
+    """Resize (and center-crop), scale to [0, 1], normalize: float32 C×H×W."""
+    img = to_mode(img, pre.mode)
+    if pre.resize is not None:
+        scale = pre.resize / min(img.size)
+        img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.BILINEAR)
+        top = int(round((img.height - pre.size[0]) / 2.0))
+        left = int(round((img.width - pre.size[1]) / 2.0))
+        img = img.crop((left, top, left + pre.size[1], top + pre.size[0]))  # torchvision CenterCrop
+    elif img.size != (pre.size[1], pre.size[0]):
+        img = img.resize((pre.size[1], pre.size[0]), Image.BILINEAR)
+    arr = np.asarray(img, dtype=np.float32) / 255.0
+    arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+    mean = np.asarray(pre.mean, np.float32)[:, None, None]
+    std = np.asarray(pre.std, np.float32)[:, None, None]
+    return (arr - mean) / std
+
+
+def decode_batch(
+    images: list[bytes | None], paths: list[str | None], pre: Preprocess
+) -> tuple[torch.Tensor, list[str | None]]:
+    """Decode a batch.
+
+    Returns ``(x, reasons)``: ``x`` is float32 (n_ok×C×H×W) for the images that decoded, in
+    order; ``reasons[i]`` is ``None`` for a good image and the quarantine reason otherwise.
+    """
+    arrays, reasons = [], []
+    for data, path in zip(images, paths):
+        try:
+            arr = preprocess_pil(load_pil(data, path), pre)
+            if not np.isfinite(arr).all():
+                raise DecodeError("non-finite pixel values after preprocessing")
+        except DecodeError as exc:
+            reasons.append(str(exc))
+            continue
+        arrays.append(arr)
+        reasons.append(None)
+    shape = (0, pre.channels, *pre.size)
+    x = torch.from_numpy(np.stack(arrays)) if arrays else torch.empty(shape)
+    return x, reasons

@@ -1,0 +1,205 @@
+"""Manifests: one Parquet row per image.
+
+Columns: ``image_id`` (stable string, unique), ``dataset``, ``split`` (train/val/test),
+``label`` (int32, −1 for OOD), ``subset`` (string, may be empty: e.g. a corruption name),
+and the image as either ``path`` (string, absolute or relative to the manifest's ``root``) or
+``image`` (encoded bytes). Builders: from arrays (the embedded default), an ImageFolder tree,
+a list file.
+"""
+from __future__ import annotations
+
+import io
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from oodlib.data.digits import ImageSet
+
+MANIFEST_SCHEMA = pa.schema(
+    [
+        ("image_id", pa.string()),
+        ("dataset", pa.string()),
+        ("split", pa.string()),
+        ("label", pa.int32()),
+        ("subset", pa.string()),
+        ("path", pa.string()),
+        ("image", pa.binary()),
+    ]
+)
+SPLITS = ("train", "val", "test")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
+
+
+class ManifestError(ValueError):
+    """A manifest that cannot be used; the message names the file, column or image id."""
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """uint8 H×W (grey) or H×W×3 (RGB) array → PNG bytes."""
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def manifest_from_image_sets(sets: Iterable[ImageSet]) -> pa.Table:
+    """Manifest with PNG bytes from in-memory image sets."""
+    cols: dict[str, list] = {name: [] for name in MANIFEST_SCHEMA.names}
+    for s in sets:
+        n = len(s.image_ids)
+        cols["image_id"] += list(s.image_ids)
+        cols["dataset"] += [s.dataset] * n
+        cols["split"] += [s.split] * n
+        cols["label"] += [int(v) for v in s.labels]
+        cols["subset"] += list(s.subsets) if s.subsets else [""] * n
+        cols["path"] += [None] * n
+        cols["image"] += [encode_png(im) for im in s.images]
+    return pa.Table.from_pydict(cols, schema=MANIFEST_SCHEMA)
+
+
+def manifest_from_image_folder(
+    root: str | Path, dataset: str, split: str, classes: Sequence[str] | None = None, ood: bool = False
+) -> pa.Table:
+    """Manifest of an ImageFolder tree ``root/<class>/<image>``.
+
+    Labels are the index of the class folder in sorted order (or in ``classes`` when given, which
+    must list every folder to keep); ``ood=True`` sets every label to −1 (and also accepts a flat
+    folder of images). Paths are stored absolute; ids are ``dataset/split/<relative path>``.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise ManifestError(f"image folder {root} does not exist or is not a directory")
+    if split not in SPLITS:
+        raise ManifestError(f"split {split!r} must be one of {SPLITS}")
+    folders = sorted(p.name for p in root.iterdir() if p.is_dir())
+    class_names = list(classes) if classes is not None else folders
+    rows = []
+    if ood and not folders:
+        rows = [(p, -1) for p in sorted(root.iterdir()) if p.suffix.lower() in IMAGE_EXTENSIONS]
+    for label, name in enumerate(class_names):
+        folder = root / name
+        if not folder.is_dir():
+            raise ManifestError(f"class folder {folder} is missing")
+        for p in sorted(folder.rglob("*")):
+            if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS:
+                rows.append((p, -1 if ood else label))
+    if not rows:
+        raise ManifestError(f"no images under {root}")
+    return _path_table(rows, root, dataset, split)
+
+
+def manifest_from_list_file(
+    list_file: str | Path, root: str | Path | None, dataset: str, split: str
+) -> pa.Table:
+    """Manifest from a text file of ``<relative path> <label>`` lines (label −1 or absent = OOD).
+
+    This is the format of the ImageNet/OOD benchmark lists (e.g. ``val.txt``); blank lines and
+    lines starting with ``#`` are skipped.
+    """
+    list_file = Path(list_file)
+    if not list_file.is_file():
+        raise ManifestError(f"list file {list_file} does not exist")
+    base = Path(root) if root is not None else list_file.parent
+    rows = []
+    for lineno, line in enumerate(list_file.read_text().splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        parts = line.rsplit(maxsplit=1)
+        if len(parts) == 2 and _is_int(parts[1]):
+            rel, label = parts[0], int(parts[1])
+        else:
+            rel, label = line, -1
+        rows.append((base / rel, label))
+    if not rows:
+        raise ManifestError(f"list file {list_file} names no images")
+    return _path_table(rows, base, dataset, split)
+
+
+def _is_int(text: str) -> bool:
+    try:
+        int(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _path_table(rows: list[tuple[Path, int]], root: Path, dataset: str, split: str) -> pa.Table:
+    ids = [f"{dataset}/{split}/{p.relative_to(root).as_posix() if p.is_relative_to(root) else p.as_posix()}" for p, _ in rows]
+    n = len(rows)
+    return pa.Table.from_pydict(
+        {
+            "image_id": ids,
+            "dataset": [dataset] * n,
+            "split": [split] * n,
+            "label": [lab for _, lab in rows],
+            "subset": [""] * n,
+            "path": [str(p.resolve()) for p, _ in rows],
+            "image": [None] * n,
+        },
+        schema=MANIFEST_SCHEMA,
+    )
+
+
+def concat_manifests(tables: Iterable[pa.Table]) -> pa.Table:
+    """Concatenate manifests and validate the result."""
+    table = pa.concat_tables([conform(t) for t in tables])
+    validate_manifest(table)
+    return table
+
+
+def conform(table: pa.Table, source: str = "manifest") -> pa.Table:
+    """Cast ``table`` to :data:`MANIFEST_SCHEMA`, adding optional missing columns as nulls."""
+    required = ("image_id", "dataset", "split", "label")
+    missing = [c for c in required if c not in table.column_names]
+    if missing:
+        raise ManifestError(f"{source}: missing required column(s) {missing}")
+    if "path" not in table.column_names and "image" not in table.column_names:
+        raise ManifestError(f"{source}: needs a 'path' or an 'image' column")
+    n = table.num_rows
+    arrays = []
+    for f in MANIFEST_SCHEMA:
+        if f.name in table.column_names:
+            try:
+                arrays.append(table.column(f.name).cast(f.type))
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+                raise ManifestError(f"{source}: column {f.name!r} cannot be read as {f.type}: {exc}") from exc
+        elif f.name == "subset":
+            arrays.append(pa.array([""] * n, pa.string()))
+        else:
+            arrays.append(pa.nulls(n, f.type))
+    return pa.Table.from_arrays(arrays, schema=MANIFEST_SCHEMA)
+
+
+def validate_manifest(table: pa.Table, source: str = "manifest") -> None:
+    """Raise :class:`ManifestError` on duplicate or empty ids, bad splits, or rows without an image."""
+    ids = table.column("image_id").to_pylist()
+    if any(not i for i in ids):
+        raise ManifestError(f"{source}: empty image_id")
+    if len(set(ids)) != len(ids):
+        seen: set[str] = set()
+        dup = next(i for i in ids if i in seen or seen.add(i))  # type: ignore[func-returns-value]
+        raise ManifestError(f"{source}: duplicate image_id {dup!r}")
+    bad_split = set(table.column("split").to_pylist()) - set(SPLITS)
+    if bad_split:
+        raise ManifestError(f"{source}: split values {sorted(bad_split)} not in {SPLITS}")
+    no_image = [
+        i
+        for i, p, b in zip(ids, table.column("path").to_pylist(), table.column("image").is_null().to_pylist())
+        if p is None and b
+    ]
+    if no_image:
+        raise ManifestError(f"{source}: image {no_image[0]!r} has neither a path nor image bytes")
+
+
+def read_manifest(path: str | Path) -> pa.Table:
+    """Read and validate a manifest Parquet file."""
+    path = Path(path)
+    if not path.exists():
+        raise ManifestError(f"manifest {path} does not exist")
+    table = conform(pq.read_table(path), source=str(path))
+    validate_manifest(table, source=str(path))
+    return table

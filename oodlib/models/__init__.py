@@ -1,0 +1,37 @@
+"""Model adapters: ``load_model(name, ...)`` returns a :class:`ModelAdapter` in eval mode."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from oodlib.models.base import ModelAdapter, Preprocess
+from oodlib.models.torchvision_models import TORCHVISION_MODELS, WeightsError, build_torchvision, load_state_dict_file
+
+MODELS = ("digits-cnn", *TORCHVISION_MODELS)
+
+
+def load_model(
+    name: str,
+    weights: str | Path | None = None,
+    num_classes: int = 1000,
+    preprocess: Preprocess | None = None,
+    cache_dir: str | Path | None = None,
+) -> ModelAdapter:
+    """Build model ``name`` with its weights.
+
+    ``digits-cnn`` trains on first use (cached under ``cache_dir``) unless ``weights`` names a
+    file; torchvision models take a file or a weights name (see :func:`build_torchvision`).
+    """
+    if name == "digits-cnn":
+        from oodlib.models.digits_cnn import build_digits_cnn, trained_digits_cnn
+
+        if weights is None:
+            return trained_digits_cnn(cache_dir=cache_dir)
+        model = build_digits_cnn()
+        model.load_state_dict(load_state_dict_file(weights))
+        return model.eval()
+    if name in TORCHVISION_MODELS:
+        return build_torchvision(name, weights, num_classes, preprocess)
+    raise KeyError(f"unknown model {name!r}; known: {MODELS}")
+
+
+__all__ = ["MODELS", "ModelAdapter", "Preprocess", "WeightsError", "load_model"]
