@@ -34,4 +34,15 @@ def load_model(
     raise KeyError(f"unknown model {name!r}; known: {MODELS}")
 
 
-__all__ = ["MODELS", "ModelAdapter", "Preprocess", "WeightsError", "load_model"]
+def build_model(name: str, num_classes: int = 1000, preprocess: Preprocess | None = None) -> ModelAdapter:
+    """The architecture of model ``name`` with untrained weights (to load a state dict into)."""
+    if name == "digits-cnn":
+        from oodlib.models.digits_cnn import build_digits_cnn
+
+        return build_digits_cnn().eval()
+    if name in TORCHVISION_MODELS:
+        return build_torchvision(name, None, num_classes, preprocess)
+    raise KeyError(f"unknown model {name!r}; known: {MODELS}")
+
+
+__all__ = ["MODELS", "build_model", "ModelAdapter", "Preprocess", "WeightsError", "load_model"]

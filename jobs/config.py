@@ -1,0 +1,183 @@
+"""Job configuration: YAML validated into typed objects before any cluster resource is used.
+
+A bad config raises :class:`ConfigError` whose message names the field (``embed.batch_size``),
+and the entry points exit with code 2.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from oodlib.detectors import DETECTORS
+from oodlib.models import MODELS
+
+
+class ConfigError(ValueError):
+    """An invalid job configuration; the message names the offending field."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(Strict):
+    """Which images: the embedded ``digits`` benchmark or a user manifest."""
+
+    source: Literal["digits", "manifest"] = "digits"
+    manifest: Path | None = None
+    seed: int = 0
+    id_dataset: str = "digits"
+    ood_datasets: list[str] = Field(default_factory=lambda: ["digits-near", "photo-patches", "noise"])
+    #: keep at most this many images per (dataset, split) — for quick runs and tests
+    limit_per_split: int | None = Field(default=None, gt=0)
+    #: extra datasets to embed and score without OOD evaluation (e.g. digits-c, LT train sets)
+    extra_datasets: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _manifest_given(self) -> "DataConfig":
+        if self.source == "manifest":
+            if self.manifest is None:
+                raise ValueError("data.manifest is required when data.source is 'manifest'")
+            if not self.manifest.exists():
+                raise ValueError(f"data.manifest: file {self.manifest} does not exist")
+        if not self.ood_datasets:
+            raise ValueError("data.ood_datasets must name at least one OOD dataset")
+        return self
+
+
+class ModelConfig(Strict):
+    name: str = "digits-cnn"
+    weights: str | None = None
+    num_classes: int | None = Field(default=None, gt=1)
+    device: str = "auto"
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v not in MODELS:
+            raise ValueError(f"unknown model {v!r}; known: {list(MODELS)}")
+        return v
+
+    @field_validator("weights")
+    @classmethod
+    def _weights_exist(cls, v: str | None) -> str | None:
+        # a value with a path separator or a file suffix is a file; anything else a torchvision weights name
+        if v is not None and ("/" in v or Path(v).suffix) and not Path(v).exists():
+            raise ValueError(f"weights file {v} does not exist")
+        return v
+
+
+class EmbedConfig(Strict):
+    batch_size: int = Field(default=256, gt=0)
+    #: actor pool size (max); min is 1
+    num_actors: int = Field(default=1, gt=0)
+    #: GPUs per actor: "auto" = 1 when the cluster has GPUs, else 0
+    num_gpus_per_actor: Literal["auto"] | float = "auto"
+    cpus_per_actor: float = Field(default=1.0, gt=0)
+
+
+class DetectorConfig(Strict):
+    """One score column: detector ``name`` with ``params``; the column is ``score_<column or name>``."""
+
+    name: str
+    params: dict[str, float | int | str | bool | None] = Field(default_factory=dict)
+    column: str | None = Field(default=None, pattern=r"^[a-z0-9_]+$")
+
+    @property
+    def key(self) -> str:
+        return self.column or self.name
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v not in DETECTORS:
+            raise ValueError(f"unknown detector {v!r}; known: {sorted(DETECTORS)}")
+        return v
+
+
+class MlflowConfig(Strict):
+    #: None → sqlite:///{output}/mlflow.db (or $MLFLOW_TRACKING_URI when set)
+    tracking_uri: str | None = None
+    enabled: bool = True
+
+
+class JobConfig(Strict):
+    experiment: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    output: Path = Path("outputs")
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    embed: EmbedConfig = Field(default_factory=EmbedConfig)
+    detectors: list[DetectorConfig] = Field(default_factory=lambda: [DetectorConfig(name=n) for n in ("msp", "maxlogit", "energy")])
+    mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
+    schedule: str = "manual"
+
+    @field_validator("detectors", mode="before")
+    @classmethod
+    def _names_to_entries(cls, v):
+        """Allow plain names (``- energy``) next to ``{name: …, params: …}`` entries."""
+        return [{"name": d} if isinstance(d, str) else d for d in v]
+
+    @model_validator(mode="after")
+    def _unique_detectors(self) -> "JobConfig":
+        keys = [d.key for d in self.detectors]
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"detectors: duplicate columns in {keys} (give settings distinct 'column' names)")
+        return self
+
+    def digest(self) -> str:
+        """Hash of the whole config (recorded in MLflow and last_run.json)."""
+        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:16]
+
+    def section_digest(self, *sections: str) -> dict:
+        return json.loads(self.model_dump_json(include=set(sections)))
+
+
+def _field_path(loc: tuple) -> str:
+    return ".".join(str(p) for p in loc if p not in ("function-after", "function-before"))
+
+
+def parse_config(raw: dict, source: str = "config") -> JobConfig:
+    """Validate a config mapping; raise :class:`ConfigError` naming every bad field."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: top level must be a mapping, got {type(raw).__name__}")
+    try:
+        return JobConfig.model_validate(raw)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            field = _field_path(err["loc"]) or "(top level)"
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                msg = "unknown key"
+            lines.append(f"  {field}: {msg}")
+        raise ConfigError(f"{source}: invalid configuration\n" + "\n".join(lines)) from None
+
+
+def load_config(path: str | Path, overrides: dict | None = None) -> JobConfig:
+    """Read a YAML config file, apply dotted ``overrides`` ({"embed.batch_size": 64}), validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    for dotted, value in (overrides or {}).items():
+        set_dotted(raw, dotted, value)
+    return parse_config(raw, source=str(path))
+
+
+def set_dotted(raw: dict, dotted: str, value) -> None:
+    """Set ``raw["a"]["b"] = value`` for ``dotted = "a.b"``, creating mappings on the way."""
+    *parents, leaf = dotted.split(".")
+    node = raw
+    for key in parents:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted}: {key} is not a mapping")
+    node[leaf] = value

@@ -1,0 +1,61 @@
+"""MLflow tracking, from the driver only: one parent run per job, one child run per detector.
+
+Child runs carry params (hyperparameters) and metrics ``{dataset}.{metric}`` / ``avg.{metric}``;
+large tables go in as Parquet artifacts, plots as PNG artifacts. Children are tagged explicitly
+with the parent's tags (MLflow does not inherit them).
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+
+
+def tracking_uri(configured: str | None, output: Path) -> str:
+    """Configured URI, else ``$MLFLOW_TRACKING_URI``, else SQLite in the output directory."""
+    if configured:
+        return configured
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    output.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{output.resolve() / 'mlflow.db'}"
+
+
+def git_sha() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True, timeout=5,
+            cwd=Path(__file__).resolve().parent,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def start_parent(uri: str, experiment: str, run_name: str, tags: dict[str, str]) -> mlflow.ActiveRun:
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment(experiment)
+    return mlflow.start_run(run_name=run_name, tags=tags)
+
+
+def _chunks(items: list, size: int):
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+def log_child(
+    name: str, tags: dict[str, str], params: dict, metrics: pd.DataFrame, artifacts: list[Path]
+) -> str:
+    """A nested run for one method: params, ``{dataset}.{metric}`` metrics, artifacts. Returns its id."""
+    with mlflow.start_run(run_name=name, nested=True, tags={**tags, "method": name}) as child:
+        items = list({k: str(v) for k, v in params.items()}.items())
+        for chunk in _chunks(items, 100):
+            mlflow.log_params(dict(chunk))
+        values = {f"{r.dataset}.{r.metric}": float(r.value) for r in metrics.itertuples()}
+        for chunk in _chunks(list(values.items()), 1000):
+            mlflow.log_metrics(dict(chunk))
+        for path in artifacts:
+            mlflow.log_artifact(str(path))
+        return child.info.run_id
