@@ -29,7 +29,9 @@ def fpr_at_95_tpr(id_scores: np.ndarray, ood_scores: np.ndarray, tpr: float = 0.
     the threshold value itself).
     """
     s_id, s_ood = _check_scores(id_scores, ood_scores)
-    idx = min(int(round((1.0 - tpr) * len(s_id))), len(s_id) - 1)
+    # round(1 − tpr, 12): 1 − 0.95 is 0.05000000000000004 in floating point, which would turn
+    # round(0.05 · 10) = 0 into 1
+    idx = min(int(round(round(1.0 - tpr, 12) * len(s_id))), len(s_id) - 1)
     threshold = np.sort(s_id)[idx]
     return float(np.mean(s_ood > threshold))
 
@@ -41,7 +43,9 @@ def fpr_at_95_tpr_ood_positive(id_scores: np.ndarray, ood_scores: np.ndarray, tp
     """
     s_id, s_ood = _check_scores(id_scores, ood_scores)
     y = np.r_[np.zeros(len(s_id)), np.ones(len(s_ood))]
-    fpr, tpr_curve, _ = roc_curve(y, -np.r_[s_id, s_ood])
+    # drop_intermediate=False: every threshold is kept, so this is exactly the first threshold
+    # (in decreasing risk) whose TPR reaches the target — collinear points are not skipped.
+    fpr, tpr_curve, _ = roc_curve(y, -np.r_[s_id, s_ood], drop_intermediate=False)
     return float(fpr[np.searchsorted(tpr_curve, tpr, side="left")])
 
 

@@ -1,0 +1,152 @@
+"""The whole job on a small digits subset: outputs, definitions, reuse, quarantine, config errors."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from scipy.special import logsumexp, softmax
+
+from jobs import nightly, storage
+from jobs.config import ConfigError, load_config, parse_config
+from oodlib.metrics import ood_metrics
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def small_config(tmp_path: Path, **data) -> dict:
+    return {
+        "experiment": "t",
+        "output": str(tmp_path / "out"),
+        "data": {"source": "digits", "limit_per_split": 40, **data},
+        "embed": {"batch_size": 32, "num_actors": 1},
+        "detectors": ["msp", "maxlogit", {"name": "energy", "params": {"temperature": 2.0}, "column": "energy_t2"}],
+        "mlflow": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+    }
+
+
+def test_pipeline_end_to_end_and_reuse(tmp_path, ray_local):
+    cfg = parse_config(small_config(tmp_path))
+    summary = nightly.run(cfg, schedule="test")
+    root = Path(cfg.output) / "t"
+    assert json.loads((root / "last_run.json").read_text())["run_id"] == summary["run_id"]
+    assert all(Path(p, "_SUCCESS").is_file() for p in summary["stages"].values())
+    counts = summary["counts"]["embed"]
+    # 3 ID splits + 3 OOD sets, 40 each
+    assert counts == {"input": 240, "features": 240, "quarantined": 0, "seconds": counts["seconds"]}
+
+    feats = storage.read_table(Path(summary["stages"]["embed"]) / "features").to_pandas()
+    scores = storage.read_table(Path(summary["stages"]["score"]) / "scores").to_pandas()
+    assert len(feats) == len(scores) == 240 and set(feats.image_id) == set(scores.image_id)
+    s = scores.set_index("image_id").loc[feats.image_id]
+    logits = np.stack(feats.logits.to_numpy())
+    np.testing.assert_allclose(s.score_msp, softmax(logits.astype(np.float64), 1).max(1), rtol=1e-5)
+    np.testing.assert_allclose(s.score_maxlogit, logits.max(1), rtol=1e-6)
+    np.testing.assert_allclose(s.score_energy_t2, 2.0 * logsumexp(logits / 2.0, axis=1), rtol=1e-5)
+    np.testing.assert_array_equal(s.pred, logits.argmax(1))
+    # features table: fixed-size vectors readable as plain Arrow
+    schema = pq.read_schema(next((Path(summary["stages"]["embed"]) / "features").rglob("*.parquet")))
+    assert schema.field("features").type == pa.list_(pa.float32(), 64)
+    assert schema.field("logits").type == pa.list_(pa.float32(), 8)
+
+    metrics = pq.read_table(Path(summary["stages"]["evaluate"]) / "metrics.parquet").to_pandas()
+    row = metrics[(metrics.method == "msp") & (metrics.dataset == "noise") & (metrics.metric == "auroc")]
+    id_s = scores[(scores.dataset == "digits") & (scores.split == "test")].score_msp
+    expected = ood_metrics(id_s.to_numpy(), scores[scores.dataset == "noise"].score_msp.to_numpy())["auroc"]
+    assert row.value.item() == pytest.approx(expected)
+    avg = metrics[(metrics.method == "msp") & (metrics.dataset == "avg") & (metrics.metric == "fpr95")].value.item()
+    per_set = metrics[(metrics.method == "msp") & (metrics.metric == "fpr95") & (metrics.dataset != "avg")].value
+    assert avg == pytest.approx(per_set.mean()) and len(per_set) == 3
+    assert (Path(summary["stages"]["evaluate"]) / "plots" / "msp.png").stat().st_size > 1000
+
+    # MLflow: parent + one child per detector with {dataset}.{metric}
+    import mlflow
+
+    mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
+    runs = mlflow.search_runs(experiment_names=["t"])
+    children = runs[runs["tags.mlflow.parentRunId"] == summary["mlflow_run_id"]]
+    assert sorted(children["tags.method"]) == ["energy_t2", "maxlogit", "msp"]
+    child = children[children["tags.method"] == "msp"].iloc[0]
+    assert child["metrics.noise.auroc"] == pytest.approx(expected)
+    assert child["tags.schedule"] == "test" and child["tags.model_hash"] == summary["model_hash"]
+
+    again = nightly.run(cfg)
+    assert again["reused"] == {"embed": True, "fit": True, "score": True, "evaluate": False}
+    assert again["stages"] == summary["stages"]
+
+
+def test_quarantine_counts_reconcile(tmp_path, ray_local, digits_sets):
+    from oodlib.data.manifest import manifest_from_image_sets
+
+    sets = [digits_sets[k] for k in [("digits", "train"), ("digits", "val"), ("digits", "test"), ("noise", "test")]]
+    table = manifest_from_image_sets(sets)
+    images = table.column("image").to_pylist()
+    bad_ids = {}
+    for i, payload in [(3, b""), (900, b"garbage"), (1200, images[1200][:40])]:
+        images[i] = payload
+        bad_ids[table.column("image_id")[i].as_py()] = payload
+    table = table.set_column(table.schema.get_field_index("image"), "image", pa.array(images, pa.binary()))
+    pq.write_table(table, tmp_path / "manifest.parquet")
+    raw = small_config(tmp_path, source="manifest", manifest=str(tmp_path / "manifest.parquet"), ood_datasets=["noise"])
+    raw["data"].pop("limit_per_split")
+    summary = nightly.run(parse_config(raw))
+    counts = summary["counts"]["embed"]
+    assert counts["input"] == table.num_rows and counts["quarantined"] == 3
+    assert counts["features"] + counts["quarantined"] == counts["input"]
+    q = pq.read_table(Path(summary["stages"]["embed"]) / "quarantine").to_pandas()
+    assert set(q.image_id) == set(bad_ids)
+    assert q.set_index("image_id").loc[list(bad_ids)[0], "reason"] == "zero-length image bytes"
+    scores = storage.read_table(Path(summary["stages"]["score"]) / "scores").to_pandas()
+    assert len(scores) == table.num_rows - 3 and not set(scores.image_id) & set(bad_ids)
+
+
+@pytest.mark.parametrize(
+    "patch, field",
+    [
+        ({"detectors": ["msp", "nonsense"]}, "detectors.1.name"),
+        ({"bogus": 1}, "bogus: unknown key"),
+        ({"embed": {"batch_size": 0}}, "embed.batch_size"),
+        ({"model": {"name": "resnet18", "weights": "/nope/resnet18.pth"}}, "model.weights"),
+        ({"data": {"source": "manifest", "manifest": "/nope/m.parquet"}}, "data.manifest"),
+        ({"data": {"ood_datasets": ["digits-near", "cifar"]}}, "data.ood_datasets"),
+    ],
+)
+def test_bad_config_exits_2_before_ray(tmp_path, monkeypatch, capsys, patch, field):
+    raw = small_config(tmp_path)
+    for k, v in patch.items():
+        raw[k] = {**raw[k], **v} if isinstance(v, dict) and isinstance(raw.get(k), dict) else v
+    path = tmp_path / "bad.yaml"
+    import yaml
+
+    path.write_text(yaml.safe_dump(raw))
+
+    def no_ray():
+        raise AssertionError("Ray must not start for a bad config")
+
+    monkeypatch.setattr(nightly, "init_ray", no_ray)
+    assert nightly.main(["--config", str(path)]) == 2
+    assert field in capsys.readouterr().err
+    assert not (tmp_path / "out" / "t" / "embed").exists()
+
+
+def test_overrides_and_missing_file(tmp_path):
+    import yaml
+
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(small_config(tmp_path)))
+    cfg = load_config(path, {"embed.batch_size": 7, "data.seed": 3})
+    assert cfg.embed.batch_size == 7 and cfg.data.seed == 3
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="duplicate columns"):
+        parse_config({**small_config(tmp_path), "detectors": ["msp", "msp"]})
