@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 import torch
 
+# Ray token auth on for every Ray the tests start or talk to (read by Ray when it is imported)
+os.environ.setdefault("RAY_AUTH_MODE", "token")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
