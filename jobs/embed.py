@@ -7,7 +7,7 @@ otherwise) turns manifest batches into feature rows. Images that cannot be decod
 """
 from __future__ import annotations
 
-import logging
+import json
 import time
 from dataclasses import dataclass
 
@@ -15,12 +15,10 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from jobs.storage import StageDir, vector_column
+from jobs.storage import StageDir, vector_column, write_table
 from oodlib.data.decode import decode_batch
 from oodlib.device import resolve_device
 from oodlib.models import ModelAdapter, build_model
-
-log = logging.getLogger(__name__)
 
 STAGE_VERSION = 1
 PASS_THROUGH = ("image_id", "dataset", "split", "label", "subset")
@@ -89,9 +87,11 @@ def embed_batch(model: ModelAdapter, batch: pa.Table, device: torch.device) -> p
 class EmbedActor:
     """Ray Data callable class: loads the model once per actor, embeds batches."""
 
-    def __init__(self, spec: ModelSpec) -> None:
+    def __init__(self, spec: ModelSpec, num_threads: int = 1) -> None:
         import ray
 
+        # intra-op threads = the CPUs Ray reserved for this actor
+        torch.set_num_threads(max(1, num_threads))
         state = ray.get(spec.state) if isinstance(spec.state, ray.ObjectRef) else spec.state
         self.device = resolve_device(spec.device)
         self.model = rebuild_model(spec.name, spec.num_classes, state, self.device)
@@ -138,7 +138,7 @@ def run_embed(
     ds = ray.data.from_arrow(_blocks(manifest, batch_size))
     out = ds.map_batches(
         EmbedActor,
-        fn_constructor_kwargs={"spec": spec},
+        fn_constructor_kwargs={"spec": spec, "num_threads": int(num_cpus)},
         batch_size=batch_size,
         batch_format="pyarrow",
         compute=ActorPoolStrategy(min_size=1, max_size=num_actors),
@@ -161,13 +161,10 @@ def run_embed(
             if n_bad
             else QUARANTINE_SCHEMA.empty_table()
         )
-        (tmp / "quarantine").mkdir()
-        import pyarrow.parquet as pq
-
-        pq.write_table(quarantine, tmp / "quarantine" / "part-0.parquet")
+        write_table(quarantine, tmp / "quarantine")
         counts = {"input": manifest.num_rows, "features": good.count(), "quarantined": n_bad}
         if counts["features"] + counts["quarantined"] != counts["input"]:
             raise RuntimeError(f"EMBED row counts do not reconcile: {counts}")
         counts["seconds"] = round(time.time() - started, 2)
-        (tmp / "counts.json").write_text(__import__("json").dumps(counts))
+        (tmp / "counts.json").write_text(json.dumps(counts))
     return counts
