@@ -79,6 +79,9 @@ class EmbedConfig(Strict):
     #: GPUs per actor: "auto" = 1 when the cluster has GPUs, else 0
     num_gpus_per_actor: Literal["auto"] | float = "auto"
     cpus_per_actor: float = Field(default=1.0, gt=0)
+    #: the manifest is split into this many shards (sha1 of image_id); only new or changed shards
+    #: are re-embedded on a later run. More shards = finer-grained recomputation, more files.
+    num_shards: int = Field(default=32, gt=0, le=65536)
 
 
 class DetectorConfig(Strict):

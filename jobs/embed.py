@@ -7,21 +7,23 @@ otherwise) turns manifest batches into feature rows. Images that cannot be decod
 """
 from __future__ import annotations
 
-import json
-import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import torch
 
-from jobs.storage import StageDir, vector_column, write_table
+import pyarrow.compute  # noqa: F401  (pa.compute)
+
+from jobs.shards import commit_shard
+from jobs.storage import StageDir, parquet_rows, vector_column, write_table
 from oodlib.data.decode import decode_batch
 from oodlib.device import resolve_device
 from oodlib.models import ModelAdapter, build_model
 
 STAGE_VERSION = 1
-PASS_THROUGH = ("image_id", "dataset", "split", "label", "subset")
+PASS_THROUGH = ("image_id", "dataset", "split", "label", "subset", "shard")
 QUARANTINE_SCHEMA = pa.schema(
     [("image_id", pa.string()), ("dataset", pa.string()), ("split", pa.string()), ("stage", pa.string()), ("reason", pa.string())]
 )
@@ -123,19 +125,19 @@ def _blocks(table: pa.Table, rows: int) -> list[pa.Table]:
 
 
 def run_embed(
-    manifest: pa.Table, spec: ModelSpec, target: StageDir, batch_size: int, num_actors: int,
-    num_gpus: float, num_cpus: float,
-) -> dict:
-    """Embed ``manifest`` through a Ray Data actor pool and commit ``features/`` and ``quarantine/``.
-
-    Returns counts: ``{"input": n, "features": n_ok, "quarantined": n_bad, "seconds": …}``.
+    rows: pa.Table, shard_targets: dict[int, StageDir], spec: ModelSpec, batch_size: int, num_actors: int,
+    num_gpus: float, num_cpus: float, scratch: Path,
+) -> dict[int, dict]:
+    """Embed the manifest ``rows`` (with a ``shard`` column) through a Ray Data actor pool and
+    commit each shard's ``features/`` (partitioned by dataset) and ``quarantine/`` to
+    ``shard_targets[shard]``. Returns per-shard counts ``{"input", "features", "quarantined"}``;
+    a shard whose counts do not reconcile is not committed.
     """
     import ray
     from ray.data import ActorPoolStrategy
     from ray.data.expressions import col
 
-    started = time.time()
-    ds = ray.data.from_arrow(_blocks(manifest, batch_size))
+    ds = ray.data.from_arrow(_blocks(rows, batch_size))
     out = ds.map_batches(
         EmbedActor,
         fn_constructor_kwargs={"spec": spec, "num_threads": int(num_cpus)},
@@ -145,26 +147,35 @@ def run_embed(
         num_gpus=num_gpus,
         num_cpus=num_cpus,
     ).materialize()
+    scratch.mkdir(parents=True, exist_ok=True)
     good = out.filter(expr=col("quarantine_reason").is_null()).drop_columns(["quarantine_reason"])
-    bad = out.filter(expr=col("quarantine_reason").is_not_null())
-    with target.writing() as tmp:
-        good.write_parquet(str(tmp / "features"), partition_cols=["dataset"])
-        n_bad = bad.count()
-        quarantine = (
-            pa.Table.from_pylist(
-                [
-                    {"image_id": r["image_id"], "dataset": r["dataset"], "split": r["split"], "stage": "embed", "reason": r["quarantine_reason"]}
-                    for r in bad.select_columns(["image_id", "dataset", "split", "quarantine_reason"]).take_all()
-                ],
-                schema=QUARANTINE_SCHEMA,
-            )
-            if n_bad
-            else QUARANTINE_SCHEMA.empty_table()
-        )
-        write_table(quarantine, tmp / "quarantine")
-        counts = {"input": manifest.num_rows, "features": good.count(), "quarantined": n_bad}
-        if counts["features"] + counts["quarantined"] != counts["input"]:
-            raise RuntimeError(f"EMBED row counts do not reconcile: {counts}")
-        counts["seconds"] = round(time.time() - started, 2)
-        (tmp / "counts.json").write_text(json.dumps(counts))
+    good.write_parquet(str(scratch / "features"), partition_cols=["shard", "dataset"])
+    bad = pa.Table.from_pylist(
+        out.filter(expr=col("quarantine_reason").is_not_null())
+        .select_columns(["image_id", "dataset", "split", "shard", "quarantine_reason"]).take_all()
+    )
+    n_in = np.bincount(rows.column("shard").to_numpy(), minlength=max(shard_targets) + 1)
+    n_bad = np.bincount(bad.column("shard").to_numpy(), minlength=len(n_in)) if bad.num_rows else np.zeros_like(n_in)
+    counts = {}
+    for shard, target in shard_targets.items():
+        written = parquet_rows(scratch / "features" / f"shard={shard}")  # what is on disk, not what we meant
+        counts[shard] = {"input": int(n_in[shard]), "features": written, "quarantined": int(n_bad[shard])}
+        if counts[shard]["features"] + counts[shard]["quarantined"] != counts[shard]["input"]:
+            raise RuntimeError(f"EMBED shard {shard}: row counts do not reconcile: {counts[shard]}")
+        quarantine_dir = scratch / "quarantine" / f"shard={shard}"
+        mine = bad.filter(pa.compute.equal(bad.column("shard"), shard)) if bad.num_rows else bad
+        write_table(_quarantine_rows(mine), quarantine_dir)
+        commit_shard(target, {"features": scratch / "features" / f"shard={shard}", "quarantine": quarantine_dir}, counts[shard])
     return counts
+
+
+def _quarantine_rows(bad: pa.Table) -> pa.Table:
+    """EMBED failures in the quarantine schema."""
+    if bad.num_rows == 0:
+        return QUARANTINE_SCHEMA.empty_table()
+    n = bad.num_rows
+    return pa.table(
+        {"image_id": bad.column("image_id"), "dataset": bad.column("dataset"), "split": bad.column("split"),
+         "stage": pa.array(["embed"] * n), "reason": bad.column("quarantine_reason")},
+        schema=QUARANTINE_SCHEMA,
+    )

@@ -41,12 +41,12 @@ def merge_partials(rows: list[dict], num_classes: int, dim: int) -> ClassMoments
     return total
 
 
-def train_moments(features_dir: Path, id_dataset: str, num_classes: int, dim: int, second: bool) -> ClassMoments:
-    """ClassMoments of the ID-train rows of a features table, reduced through Ray Data."""
+def train_moments(features: list[Path], id_dataset: str, num_classes: int, dim: int, second: bool) -> ClassMoments:
+    """ClassMoments of the ID-train rows of the feature shard directories, reduced through Ray Data."""
     import ray
     from ray.data.expressions import col
 
-    ds = ray.data.read_parquet(str(features_dir / f"dataset={id_dataset}")).filter(expr=col("split") == "train")
+    ds = ray.data.read_parquet([str(p) for p in features]).filter(expr=(col("dataset") == id_dataset) & (col("split") == "train"))
     parts = ds.map_batches(
         batch_moments, fn_kwargs={"num_classes": num_classes, "second": second}, batch_format="pyarrow", batch_size=4096
     ).take_all()

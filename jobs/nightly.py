@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 import uuid
@@ -21,9 +22,10 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import yaml
 
-from jobs import embed, evaluate, fit, score, storage
+from jobs import embed, evaluate, fit, score, shards, storage, tracking
 from jobs.config import ConfigError, JobConfig, load_config
 from oodlib.data.digits import build_digits
 from oodlib.data.manifest import ManifestError, manifest_from_image_sets, read_manifest
@@ -32,6 +34,7 @@ from oodlib.models import ModelAdapter, WeightsError, load_model
 
 log = logging.getLogger("oodlib.nightly")
 MANIFEST_VERSION = 1
+EVALUATE_VERSION = 1
 
 
 @dataclass
@@ -126,12 +129,15 @@ def init_ray() -> None:
 # --- the job ---
 
 
+def id_train_hash(selected: pa.Table, id_dataset: str) -> str:
+    """Content hash of the ID-train rows: what FIT depends on (not the other shards' rows)."""
+    mask = pc.and_(pc.equal(selected.column("dataset"), id_dataset), pc.equal(selected.column("split"), "train"))
+    train = selected.filter(mask)
+    return shards.shard_hashes(train, np.zeros(train.num_rows, np.int32))[0]
+
+
 def run(cfg: JobConfig, schedule: str | None = None, config_path: str = "") -> dict:
     """Run every stage for ``cfg``; returns the summary written to ``last_run.json``."""
-    import ray
-
-    from jobs import tracking
-
     started = time.time()
     stages = StageLog()
     exp_root = Path(cfg.output) / cfg.experiment
@@ -140,97 +146,26 @@ def run(cfg: JobConfig, schedule: str | None = None, config_path: str = "") -> d
     detectors = build_detectors(cfg)
     model = load_job_model(cfg)
     model_hash = model.weights_hash()
-    W, b = model.head_arrays()
-    head = Head(W, b)
-    selection = {"datasets": sorted(set(selected.column("dataset").to_pylist())), "limit": cfg.data.limit_per_split}
+    head = Head(*model.head_arrays())
     print(f"[manifest] {manifest.num_rows} images in {manifest_path}; selected {selected.num_rows} for this job", flush=True)
+    scratch = exp_root / ".scratch" / uuid.uuid4().hex[:8]
+    try:
+        features = run_embed_stage(cfg, selected, model, model_hash, scratch, stages)
+        fit_key = run_fit_stage(cfg, selected, model, model_hash, head, detectors, features, stages)
+        score_dirs, scores_key = run_score_stage(cfg, fit_key, features, detectors, scratch, stages)
+        metrics_df, eval_dir = run_evaluate_stage(cfg, scores_key, score_dirs, stages)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
-    init_ray()
-
-    # EMBED
-    t0 = time.time()
-    embed_key = storage.content_key(
-        "embed", embed.STAGE_VERSION, model=model_hash, manifest=manifest_hash, selection=selection, preprocess=repr(model.preprocess)
-    )
-    embed_dir = storage.stage_dir(cfg.output, cfg.experiment, "embed", embed_key)
-    reused = embed_dir.done
-    if not reused:
-        spec = embed.ModelSpec(cfg.model.name, model.num_classes, ray.put(embed.model_state_arrays(model)), cfg.model.device)
-        embed.run_embed(
-            selected, spec, embed_dir, cfg.embed.batch_size, cfg.embed.num_actors,
-            embed.gpus_per_actor(cfg.embed.num_gpus_per_actor), cfg.embed.cpus_per_actor,
-        )
-    stages.counts["embed"] = json.loads((embed_dir.path / "counts.json").read_text())
-    stages.record("embed", embed_dir, reused, time.time() - t0)
-    features_dir = embed_dir.path / "features"
-
-    # FIT
-    t0 = time.time()
-    det_cfg = [d.model_dump() for d in cfg.detectors]
-    fit_key = storage.content_key("fit", fit.STAGE_VERSION, embed=embed_key, detectors=det_cfg, id_dataset=cfg.data.id_dataset)
-    fit_dir = storage.stage_dir(cfg.output, cfg.experiment, "fitted", fit_key)
-    reused = fit_dir.done
-    if not reused:
-        second = any(getattr(d, "needs_second_moments", False) for d in detectors.values())
-        moments = fit.train_moments(features_dir, cfg.data.id_dataset, model.num_classes, model.feature_dim, second)
-
-        def load_train() -> tuple[np.ndarray, np.ndarray]:
-            table = storage.read_table(features_dir / f"dataset={cfg.data.id_dataset}", ["features", "label", "split"])
-            table = table.filter(pc.equal(table.column("split"), "train"))
-            return storage.vector_to_numpy(table.column("features")), table.column("label").to_numpy()
-
-        fit.fit_detectors(detectors, moments, head, load_train)
-        with fit_dir.writing() as tmp:
-            fit.save_fitted(tmp, head, moments, detectors)
-    else:
-        fit.load_fitted_detectors(fit_dir, detectors)
-    stages.record("fit", fit_dir, reused, time.time() - t0)
-
-    # SCORE
-    t0 = time.time()
-    score_key = storage.content_key("score", score.STAGE_VERSION, fit=fit_key, embed=embed_key)
-    score_dir = storage.stage_dir(cfg.output, cfg.experiment, "scores", score_key)
-    reused = score_dir.done
-    if not reused:
-        score.run_score(features_dir, detectors, score_dir)
-    stages.record("score", score_dir, reused, time.time() - t0)
-
-    # EVALUATE (always runs: cheap, and every job run is logged)
-    t0 = time.time()
-    scores_df = storage.read_table(score_dir.path / "scores").to_pandas()
-    scores_df["dataset"] = scores_df["dataset"].astype(str)
-    rows = evaluate.ood_metric_rows(scores_df, cfg.data.id_dataset, cfg.data.ood_datasets) + evaluate.classify_rows(scores_df, cfg.data.id_dataset)
-    metrics = evaluate.metrics_table(rows)
-    eval_dir = storage.stage_dir(cfg.output, cfg.experiment, "metrics", score_key)
-    with eval_dir.writing() as tmp:
-        storage.write_table(metrics, tmp, "metrics.parquet")
-        evaluate.plot_roc_and_histograms(scores_df, cfg.data.id_dataset, cfg.data.ood_datasets, tmp / "plots")
-        (tmp / "results.md").write_text(evaluate.results_markdown(metrics.to_pandas()))
-    stages.record("evaluate", eval_dir, False, time.time() - t0)
-
-    # MLflow (driver only)
     run_id = uuid.uuid4().hex[:12]
     mlflow_run_id, uri = None, None
-    metrics_df = metrics.to_pandas()
     if cfg.mlflow.enabled:
         uri = tracking.tracking_uri(cfg.mlflow.tracking_uri, Path(cfg.output))
         tags = {
             "schedule": schedule or cfg.schedule, "git_sha": tracking.git_sha(), "model_hash": model_hash,
             "manifest_hash": manifest_hash, "config_hash": cfg.digest(), "oodlib_run_id": run_id, "model": cfg.model.name,
         }
-        with tracking.start_parent(uri, cfg.experiment, f"{cfg.experiment}-{time.strftime('%Y%m%d-%H%M%S')}", tags) as parent:
-            mlflow_run_id = parent.info.run_id
-            import mlflow
-
-            mlflow.log_params({"config": config_path, "model": cfg.model.name, "id_dataset": cfg.data.id_dataset, "ood_datasets": ",".join(cfg.data.ood_datasets)})
-            acc = metrics_df[metrics_df.task == "classify"]
-            mlflow.log_metrics({f"acc.{r.dataset.replace('/', '.')}": r.value for r in acc.itertuples()})
-            mlflow.log_metrics({f"count.{k}": v for k, v in stages.counts["embed"].items() if k != "seconds"})
-            mlflow.log_artifact(str(eval_dir.path / "metrics.parquet"))
-            mlflow.log_artifact(str(eval_dir.path / "results.md"))
-            for key, det in detectors.items():
-                rows_k = metrics_df[(metrics_df.task == "ood") & (metrics_df.method == key)]
-                tracking.log_child(key, tags, {"detector": det.name, **det.params()}, rows_k, [eval_dir.path / "plots" / f"{key}.png"])
+        mlflow_run_id = tracking.log_job(uri, cfg, tags, config_path, stages.counts["embed"], metrics_df, eval_dir, detectors)
 
     summary = {
         "run_id": run_id, "experiment": cfg.experiment, "config": config_path, "config_hash": cfg.digest(),
@@ -244,10 +179,121 @@ def run(cfg: JobConfig, schedule: str | None = None, config_path: str = "") -> d
     return summary
 
 
+def run_embed_stage(cfg: JobConfig, selected: pa.Table, model: ModelAdapter, model_hash: str, scratch: Path, stages: StageLog) -> dict[str, Path]:
+    """EMBED the shards whose content key is not committed yet; returns {shard key: features dir}."""
+    t0 = time.time()
+    shard_no = shards.shard_of(selected.column("image_id").to_pylist(), cfg.embed.num_shards)
+    selected = selected.append_column("shard", pa.array(shard_no))
+    stage_cfg = {"model": model_hash, "preprocess": repr(model.preprocess)}
+    keys = {s: storage.content_key("embed-shard", embed.STAGE_VERSION, shard=h, **stage_cfg) for s, h in shards.shard_hashes(selected, shard_no).items()}
+    root = Path(cfg.output) / cfg.experiment / "embed"
+    targets = {s: storage.StageDir(root / "shards", k) for s, k in keys.items()}
+    todo = {s: t for s, t in targets.items() if not t.done}
+    print(f"[embed] recomputing {len(todo)} of {len(targets)} shards", flush=True)
+    if todo:
+        init_ray()
+        import ray
+
+        spec = embed.ModelSpec(cfg.model.name, model.num_classes, ray.put(embed.model_state_arrays(model)), cfg.model.device)
+        rows = selected.filter(pc.is_in(selected.column("shard"), pa.array(sorted(todo), pa.int32())))
+        embed.run_embed(
+            rows, todo, spec, cfg.embed.batch_size, cfg.embed.num_actors,
+            embed.gpus_per_actor(cfg.embed.num_gpus_per_actor), cfg.embed.cpus_per_actor, scratch / "embed",
+        )
+    per_shard = {s: json.loads((t.path / "counts.json").read_text()) for s, t in targets.items()}
+    counts = {k: sum(c[k] for c in per_shard.values()) for k in ("input", "features", "quarantined")}
+    counts.update(shards_total=len(targets), shards_recomputed=len(todo))
+    index = storage.StageDir(root, storage.content_key("embed", embed.STAGE_VERSION, shards=sorted(keys.values())))
+    reused = index.done
+    if not reused:
+        shards.write_index(index, [targets[s].path for s in sorted(targets)], {"counts": counts})
+    stages.counts["embed"] = counts
+    stages.record("embed", index, reused and not todo, time.time() - t0)
+    return {keys[s]: targets[s].path / "features" for s in sorted(targets)}
+
+
+def run_fit_stage(
+    cfg: JobConfig, selected: pa.Table, model: ModelAdapter, model_hash: str, head: Head,
+    detectors: dict[str, Detector], features: dict[str, Path], stages: StageLog,
+) -> str:
+    """FIT on the ID-train rows (keyed by their content, so new test images do not refit)."""
+    t0 = time.time()
+    det_cfg = [d.model_dump() for d in cfg.detectors]
+    key = storage.content_key(
+        "fit", fit.STAGE_VERSION, model=model_hash, train=id_train_hash(selected, cfg.data.id_dataset),
+        detectors=det_cfg, preprocess=repr(model.preprocess),
+    )
+    target = storage.stage_dir(cfg.output, cfg.experiment, "fitted", key)
+    reused = target.done
+    dirs = list(features.values())
+    train_filter = (pc.field("dataset") == cfg.data.id_dataset) & (pc.field("split") == "train")
+    if not reused:
+        init_ray()
+        second = any(getattr(d, "needs_second_moments", False) for d in detectors.values())
+        moments = fit.train_moments(dirs, cfg.data.id_dataset, model.num_classes, model.feature_dim, second)
+
+        def load_train() -> tuple[np.ndarray, np.ndarray]:
+            table = storage.read_table(dirs, ["features", "label"], filter=train_filter)
+            return storage.vector_to_numpy(table.column("features")), table.column("label").to_numpy()
+
+        fit.fit_detectors(detectors, moments, head, load_train)
+        with target.writing() as tmp:
+            fit.save_fitted(tmp, head, moments, detectors)
+    else:
+        fit.load_fitted_detectors(target, detectors)
+    stages.record("fit", target, reused, time.time() - t0)
+    return key
+
+
+def run_score_stage(
+    cfg: JobConfig, fit_key: str, features: dict[str, Path], detectors: dict[str, Detector], scratch: Path, stages: StageLog,
+) -> tuple[list[Path], str]:
+    """SCORE the shards whose (fit, embed shard) key is not committed; returns the score dirs and index key."""
+    t0 = time.time()
+    root = Path(cfg.output) / cfg.experiment / "scores"
+    keys = {e: storage.content_key("score-shard", score.STAGE_VERSION, fit=fit_key, embed=e) for e in features}
+    targets = {e: storage.StageDir(root / "shards", k) for e, k in keys.items()}
+    todo = {e: t for e, t in targets.items() if not t.done}
+    print(f"[score] recomputing {len(todo)} of {len(targets)} shards", flush=True)
+    if todo:
+        init_ray()
+        with_rows = {e: features[e] for e in todo if storage.parquet_rows(features[e])}
+        if with_rows:
+            score.run_score(with_rows, {e: todo[e] for e in with_rows}, detectors, scratch / "score")
+        for e in set(todo) - set(with_rows):  # every image of the shard was quarantined
+            shards.commit_shard(todo[e], {"scores": None}, {"rows": 0})
+    index = storage.StageDir(root, storage.content_key("scores", score.STAGE_VERSION, shards=sorted(keys.values())))
+    reused = index.done
+    if not reused:
+        shards.write_index(index, [targets[e].path for e in sorted(targets)], {})
+    stages.record("score", index, reused and not todo, time.time() - t0)
+    return [targets[e].path / "scores" for e in sorted(targets)], index.key
+
+
+def run_evaluate_stage(cfg: JobConfig, scores_key: str, score_dirs: list[Path], stages: StageLog) -> tuple[pd.DataFrame, storage.StageDir]:
+    """Metrics table, results table and plots (reused when the scores and the evaluation sets are unchanged)."""
+    t0 = time.time()
+    key = storage.content_key("evaluate", EVALUATE_VERSION, scores=scores_key, id=cfg.data.id_dataset, ood=cfg.data.ood_datasets)
+    target = storage.stage_dir(cfg.output, cfg.experiment, "metrics", key)
+    reused = target.done
+    if not reused:
+        scores_df = storage.read_table(score_dirs).to_pandas()
+        scores_df["dataset"] = scores_df["dataset"].astype(str)
+        rows = evaluate.ood_metric_rows(scores_df, cfg.data.id_dataset, cfg.data.ood_datasets) + evaluate.classify_rows(scores_df, cfg.data.id_dataset)
+        metrics = evaluate.metrics_table(rows)
+        with target.writing() as tmp:
+            storage.write_table(metrics, tmp, "metrics.parquet")
+            evaluate.plot_roc_and_histograms(scores_df, cfg.data.id_dataset, cfg.data.ood_datasets, tmp / "plots")
+            (tmp / "results.md").write_text(evaluate.results_markdown(metrics.to_pandas()))
+    stages.record("evaluate", target, reused, time.time() - t0)
+    return pq.read_table(target.path / "metrics.parquet").to_pandas(), target
+
+
 def print_summary(summary: dict, metrics_df: pd.DataFrame) -> None:
     print("\n" + evaluate.results_markdown(metrics_df))
     c = summary["counts"].get("embed", {})
     print(f"\nimages: {c.get('input')} in, {c.get('features')} embedded, {c.get('quarantined')} quarantined")
+    print(f"shards: recomputed {c.get('shards_recomputed')} of {c.get('shards_total')} (EMBED)")
     print(f"outputs: {Path(summary['stages']['evaluate']).parent.parent} (last_run.json lists every stage path)")
     if summary["tracking_uri"]:
         print(f"MLflow run {summary['mlflow_run_id']} in {summary['tracking_uri']}")

@@ -6,13 +6,13 @@ float32 ``score_<key>`` per configured detector.
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
-from jobs.storage import StageDir, vector_to_numpy
+from jobs.shards import commit_shard
+from jobs.storage import StageDir, parquet_rows, vector_to_numpy
 from oodlib.detectors import Detector, ScoreInputs
 
 STAGE_VERSION = 1
@@ -42,6 +42,11 @@ def _column_numpy(column: pa.ChunkedArray) -> np.ndarray:
     return column.to_numpy()
 
 
+def source_shard(paths: pa.ChunkedArray) -> pa.Array:
+    """The embed shard key of each row, from its file path (``…/key=<shard key>/features/…``)."""
+    return pa.array([p.split("/key=", 1)[1].split("/", 1)[0] for p in paths.to_pylist()], pa.string())
+
+
 class ScoreMapper:
     """Ray Data callable class holding the fitted detectors (fetched once per actor)."""
 
@@ -51,17 +56,20 @@ class ScoreMapper:
         self.detectors = ray.get(detectors_ref)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        return score_batch(batch, self.detectors)
+        scored = score_batch(batch, self.detectors)
+        return scored.append_column("source_shard", source_shard(batch.column("path")))
 
 
-def run_score(features_dir: Path, detectors: dict[str, Detector], target: StageDir, batch_size: int = 4096) -> dict:
-    """Score every feature row and commit the ``scores`` table (partitioned by dataset)."""
+def run_score(
+    features: dict[str, Path], targets: dict[str, StageDir], detectors: dict[str, Detector], scratch: Path,
+    batch_size: int = 4096,
+) -> dict[str, int]:
+    """Score the feature shards ``features`` ({embed shard key: features dir}) and commit each
+    shard's ``scores/`` (partitioned by dataset) to ``targets[embed shard key]``. Returns rows per shard."""
     import ray
     from ray.data import ActorPoolStrategy
 
-    started = time.time()
-    ds = ray.data.read_parquet(str(features_dir))
-    n_in = ds.count()
+    ds = ray.data.read_parquet([str(p) for p in features.values()], include_paths=True)
     out = ds.map_batches(
         ScoreMapper,
         fn_constructor_kwargs={"detectors_ref": ray.put(detectors)},
@@ -69,10 +77,14 @@ def run_score(features_dir: Path, detectors: dict[str, Detector], target: StageD
         batch_format="pyarrow",
         compute=ActorPoolStrategy(min_size=1, max_size=2),
         num_cpus=1,
-    ).materialize()
-    with target.writing() as tmp:
-        out.write_parquet(str(tmp / "scores"), partition_cols=["dataset"])
-        n_out = out.count()
-        if n_out != n_in:
-            raise RuntimeError(f"SCORE wrote {n_out} rows for {n_in} feature rows")
-    return {"rows": n_out, "seconds": round(time.time() - started, 2)}
+    )
+    out.write_parquet(str(scratch / "scores"), partition_cols=["source_shard", "dataset"])
+    rows = {}
+    for key, target in targets.items():
+        part = scratch / "scores" / f"source_shard={key}"
+        rows[key] = parquet_rows(part)
+        expected = parquet_rows(features[key])
+        if rows[key] != expected:
+            raise RuntimeError(f"SCORE shard {key}: {rows[key]} rows scored for {expected} feature rows")
+        commit_shard(target, {"scores": part}, {"rows": rows[key]})
+    return rows

@@ -102,10 +102,20 @@ def vector_to_numpy(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
     return column.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(-1, width)
 
 
-def read_table(path: Path, columns: list[str] | None = None, filter=None) -> pa.Table:
-    """Read a (hive-partitioned) Parquet directory into one table; ``filter`` is a pyarrow expression."""
-    dataset = pads.dataset(path, format="parquet", partitioning="hive", exclude_invalid_files=True)
+def read_table(paths: Path | list[Path], columns: list[str] | None = None, filter=None) -> pa.Table:
+    """Read one or several (hive-partitioned) Parquet directories into one table; ``filter`` is a
+    pyarrow expression."""
+    dirs = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    parts = [pads.dataset(d, format="parquet", partitioning="hive", exclude_invalid_files=True) for d in dirs if any(Path(d).rglob("*.parquet"))]
+    if not parts:
+        raise FileNotFoundError(f"no Parquet files under {dirs[:3]}{' …' if len(dirs) > 3 else ''}")
+    dataset = parts[0] if len(parts) == 1 else pads.dataset(parts)
     return dataset.to_table(columns=columns, filter=filter)
+
+
+def parquet_rows(directory: Path) -> int:
+    """Rows in every Parquet file under ``directory`` (from the footers; 0 if none)."""
+    return sum(pq.ParquetFile(p).metadata.num_rows for p in Path(directory).rglob("*.parquet"))
 
 
 def write_table(table: pa.Table, directory: Path, name: str = "part-0.parquet") -> Path:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import mlflow
@@ -59,3 +60,24 @@ def log_child(
         for path in artifacts:
             mlflow.log_artifact(str(path))
         return child.info.run_id
+
+
+def log_job(
+    uri: str, cfg, tags: dict[str, str], config_path: str, counts: dict, metrics: pd.DataFrame, eval_dir, detectors: dict
+) -> str:
+    """The parent run of one job (params, accuracy and count metrics, tables) and one child per
+    detector. Returns the parent run id."""
+    run_name = f"{cfg.experiment}-{time.strftime('%Y%m%d-%H%M%S')}"
+    with start_parent(uri, cfg.experiment, run_name, tags) as parent:
+        mlflow.log_params(
+            {"config": config_path, "model": cfg.model.name, "id_dataset": cfg.data.id_dataset, "ood_datasets": ",".join(cfg.data.ood_datasets)}
+        )
+        acc = metrics[metrics.task == "classify"]
+        mlflow.log_metrics({f"acc.{r.dataset.replace('/', '.')}": float(r.value) for r in acc.itertuples()})
+        mlflow.log_metrics({f"count.{k}": float(v) for k, v in counts.items()})
+        mlflow.log_artifact(str(eval_dir.path / "metrics.parquet"))
+        mlflow.log_artifact(str(eval_dir.path / "results.md"))
+        for key, det in detectors.items():
+            rows = metrics[(metrics.task == "ood") & (metrics.method == key)]
+            log_child(key, tags, {"detector": det.name, **det.params()}, rows, [eval_dir.path / "plots" / f"{key}.png"])
+        return parent.info.run_id

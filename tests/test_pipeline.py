@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 from scipy.special import logsumexp, softmax
 
-from jobs import nightly, storage
+from jobs import nightly, shards, storage
 from jobs.config import ConfigError, load_config, parse_config
 from oodlib.metrics import ood_metrics
 
@@ -29,7 +29,7 @@ def small_config(tmp_path: Path, **data) -> dict:
         "experiment": "t",
         "output": str(tmp_path / "out"),
         "data": {"source": "digits", "limit_per_split": 40, **data},
-        "embed": {"batch_size": 32, "num_actors": 1},
+        "embed": {"batch_size": 32, "num_actors": 1, "num_shards": 4},
         "detectors": ["msp", "maxlogit", {"name": "energy", "params": {"temperature": 2.0}, "column": "energy_t2"}],
         "mlflow": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
     }
@@ -43,10 +43,11 @@ def test_pipeline_end_to_end_and_reuse(tmp_path, ray_local):
     assert all(Path(p, "_SUCCESS").is_file() for p in summary["stages"].values())
     counts = summary["counts"]["embed"]
     # 3 ID splits + 3 OOD sets, 40 each
-    assert counts == {"input": 240, "features": 240, "quarantined": 0, "seconds": counts["seconds"]}
+    assert counts == {"input": 240, "features": 240, "quarantined": 0, "shards_total": 4, "shards_recomputed": 4}
 
-    feats = storage.read_table(Path(summary["stages"]["embed"]) / "features").to_pandas()
-    scores = storage.read_table(Path(summary["stages"]["score"]) / "scores").to_pandas()
+    feature_dirs = shards.index_dirs(summary["stages"]["embed"], "features")
+    feats = storage.read_table(feature_dirs).to_pandas()
+    scores = storage.read_table(shards.index_dirs(summary["stages"]["score"], "scores")).to_pandas()
     assert len(feats) == len(scores) == 240 and set(feats.image_id) == set(scores.image_id)
     s = scores.set_index("image_id").loc[feats.image_id]
     logits = np.stack(feats.logits.to_numpy())
@@ -55,7 +56,7 @@ def test_pipeline_end_to_end_and_reuse(tmp_path, ray_local):
     np.testing.assert_allclose(s.score_energy_t2, 2.0 * logsumexp(logits / 2.0, axis=1), rtol=1e-5)
     np.testing.assert_array_equal(s.pred, logits.argmax(1))
     # features table: fixed-size vectors readable as plain Arrow
-    schema = pq.read_schema(next((Path(summary["stages"]["embed"]) / "features").rglob("*.parquet")))
+    schema = pq.read_schema(next(feature_dirs[0].rglob("*.parquet")))
     assert schema.field("features").type == pa.list_(pa.float32(), 64)
     assert schema.field("logits").type == pa.list_(pa.float32(), 8)
 
@@ -81,8 +82,8 @@ def test_pipeline_end_to_end_and_reuse(tmp_path, ray_local):
     assert child["tags.schedule"] == "test" and child["tags.model_hash"] == summary["model_hash"]
 
     again = nightly.run(cfg)
-    assert again["reused"] == {"embed": True, "fit": True, "score": True, "evaluate": False}
-    assert again["stages"] == summary["stages"]
+    assert again["reused"] == {"embed": True, "fit": True, "score": True, "evaluate": True}
+    assert again["stages"] == summary["stages"] and again["counts"]["embed"]["shards_recomputed"] == 0
 
 
 def test_quarantine_counts_reconcile(tmp_path, ray_local, digits_sets):
@@ -103,10 +104,10 @@ def test_quarantine_counts_reconcile(tmp_path, ray_local, digits_sets):
     counts = summary["counts"]["embed"]
     assert counts["input"] == table.num_rows and counts["quarantined"] == 3
     assert counts["features"] + counts["quarantined"] == counts["input"]
-    q = pq.read_table(Path(summary["stages"]["embed"]) / "quarantine").to_pandas()
+    q = storage.read_table(shards.index_dirs(summary["stages"]["embed"], "quarantine")).to_pandas()
     assert set(q.image_id) == set(bad_ids)
     assert q.set_index("image_id").loc[list(bad_ids)[0], "reason"] == "zero-length image bytes"
-    scores = storage.read_table(Path(summary["stages"]["score"]) / "scores").to_pandas()
+    scores = storage.read_table(shards.index_dirs(summary["stages"]["score"], "scores")).to_pandas()
     assert len(scores) == table.num_rows - 3 and not set(scores.image_id) & set(bad_ids)
 
 
@@ -150,3 +151,30 @@ def test_overrides_and_missing_file(tmp_path):
         load_config(tmp_path / "missing.yaml")
     with pytest.raises(ConfigError, match="duplicate columns"):
         parse_config({**small_config(tmp_path), "detectors": ["msp", "msp"]})
+
+
+def test_incremental_run_recomputes_only_affected_shards(tmp_path, ray_local, digits_sets):
+    from oodlib.data.digits import ImageSet
+    from oodlib.data.manifest import manifest_from_image_sets
+
+    base = [digits_sets[k] for k in [("digits", "train"), ("digits", "test"), ("noise", "test")]]
+    base = [ImageSet(s.dataset, s.split, s.images[:60], s.labels[:60], s.image_ids[:60]) for s in base]
+    pq.write_table(manifest_from_image_sets(base), tmp_path / "m.parquet")
+    raw = small_config(tmp_path, source="manifest", manifest=str(tmp_path / "m.parquet"), ood_datasets=["noise"])
+    raw["data"].pop("limit_per_split")
+    raw["embed"]["num_shards"] = 16
+    first = nightly.run(parse_config(raw))
+
+    near = digits_sets[("digits-near", "test")]
+    new = ImageSet("noise", "test", near.images[:3], np.full(3, -1), [f"noise/test/new-{i}" for i in range(3)])
+    pq.write_table(manifest_from_image_sets([*base, new]), tmp_path / "m.parquet")
+    second = nightly.run(parse_config(raw))
+
+    affected = len(set(shards.shard_of(new.image_ids, 16).tolist()))
+    assert second["counts"]["embed"]["shards_recomputed"] == affected < 16
+    assert second["reused"]["fit"] is True  # only test images were added: the detectors are not refitted
+    assert second["counts"]["embed"]["features"] == first["counts"]["embed"]["features"] + 3
+    s1 = storage.read_table(shards.index_dirs(first["stages"]["score"], "scores")).to_pandas().set_index("image_id")
+    s2 = storage.read_table(shards.index_dirs(second["stages"]["score"], "scores")).to_pandas().set_index("image_id")
+    assert set(s2.index) == set(s1.index) | set(new.image_ids)
+    np.testing.assert_array_equal(s2.loc[s1.index, "score_msp"], s1.score_msp)

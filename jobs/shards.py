@@ -1,0 +1,76 @@
+"""Deterministic shards of the manifest, for incremental recomputation.
+
+Each image belongs to shard ``sha1(image_id) mod S``. A shard's content hash covers every row
+of it (ids, labels, splits and the image itself: the bytes' hash for embedded images, path +
+size + mtime for files), so an added, removed or changed image changes exactly one shard.
+Per-shard stage outputs are keyed by that hash (plus the model and stage config) and committed
+one by one; a stage's *index* (the list of its shard directories) is committed last.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from jobs.storage import StageDir
+
+
+def shard_of(image_ids: list[str], num_shards: int) -> np.ndarray:
+    """Shard number (int32) of each image id: first 8 bytes of sha1(id) mod ``num_shards``."""
+    return np.fromiter(
+        (int.from_bytes(hashlib.sha1(i.encode()).digest()[:8], "big") % num_shards for i in image_ids),
+        dtype=np.int32, count=len(image_ids),
+    )
+
+
+def row_digest(image: bytes | None, path: str | None) -> str:
+    """Identity of one image's content: hash of the bytes, or path + size + mtime of the file
+    (stat, not a read, so hashing a million-file manifest stays cheap; a missing file hashes
+    as missing and is quarantined by EMBED)."""
+    if image is not None:
+        return hashlib.sha1(image).hexdigest()
+    try:
+        st = os.stat(path)
+        return f"{path}:{st.st_size}:{st.st_mtime_ns}"
+    except (OSError, TypeError):
+        return f"{path}:missing"
+
+
+def shard_hashes(table: pa.Table, shards: np.ndarray) -> dict[int, str]:
+    """Content hash (16 hex chars) of every non-empty shard of a manifest table."""
+    ids = table.column("image_id").to_pylist()
+    meta = zip(ids, table.column("dataset").to_pylist(), table.column("split").to_pylist(),
+               table.column("label").to_pylist(), table.column("subset").to_pylist(),
+               table.column("image").to_pylist(), table.column("path").to_pylist())
+    rows: dict[int, list[str]] = {}
+    for s, (iid, ds, sp, lab, sub, img, path) in zip(shards.tolist(), meta):
+        rows.setdefault(s, []).append(f"{iid}\x1f{ds}\x1f{sp}\x1f{lab}\x1f{sub}\x1f{row_digest(img, path)}")
+    return {s: hashlib.sha256("\x1e".join(sorted(r)).encode()).hexdigest()[:16] for s, r in rows.items()}
+
+
+def commit_shard(target: StageDir, parts: dict[str, Path | None], meta: dict) -> None:
+    """Commit one shard: move each written partition directory (``parts[name]``, e.g. the
+    ``shard=7`` directory of a partitioned write; None → an empty one) to ``target/name``."""
+    with target.writing(meta) as tmp:
+        for name, src in parts.items():
+            if src is not None and src.exists():
+                shutil.move(str(src), tmp / name)
+            else:
+                (tmp / name).mkdir()
+        (tmp / "counts.json").write_text(json.dumps(meta))
+
+
+def write_index(target: StageDir, shard_dirs: list[Path], meta: dict) -> None:
+    """Commit a stage index listing its shard directories (the stage is complete only now)."""
+    with target.writing() as tmp:
+        (tmp / "index.json").write_text(json.dumps({"shards": [str(p) for p in shard_dirs], **meta}, indent=1))
+
+
+def index_dirs(index_path: Path, sub: str) -> list[Path]:
+    """The ``sub`` directories (``features``, ``quarantine``, ``scores``) of a committed stage index."""
+    return [Path(p) / sub for p in json.loads((Path(index_path) / "index.json").read_text())["shards"]]
