@@ -28,7 +28,7 @@ import yaml
 from jobs import embed, evaluate, fit, score, shards, storage, tracking
 from jobs.config import ConfigError, JobConfig, load_config
 from oodlib.data.digits import build_digits
-from oodlib.data.manifest import ManifestError, manifest_from_image_sets, read_manifest
+from oodlib.data.manifest import ManifestError, manifest_from_image_sets, read_manifest, row_problems
 from oodlib.detectors import Detector, Head, make_detector
 from oodlib.models import ModelAdapter, WeightsError, load_model
 
@@ -60,7 +60,7 @@ def prepare_manifest(cfg: JobConfig) -> tuple[pa.Table, str, Path]:
     """The full manifest, its content hash and where it lives (digits: generated and committed)."""
     if cfg.data.source == "manifest":
         path = Path(cfg.data.manifest)
-        return read_manifest(path), storage.file_hash(path), path
+        return read_manifest(path, strict=False), storage.file_hash(path), path
     key = storage.content_key("manifest", MANIFEST_VERSION, source="digits", seed=cfg.data.seed)
     target = storage.stage_dir(cfg.output, cfg.experiment, "manifest", key)
     if not target.done:
@@ -70,8 +70,9 @@ def prepare_manifest(cfg: JobConfig) -> tuple[pa.Table, str, Path]:
     return read_manifest(path), key, path
 
 
-def select_rows(manifest: pa.Table, cfg: JobConfig) -> pa.Table:
-    """Rows of the configured datasets (every split), at most ``limit_per_split`` per (dataset, split).
+def select_rows(manifest: pa.Table, cfg: JobConfig, num_classes: int) -> tuple[pa.Table, pa.Table]:
+    """Rows of the configured datasets (every split), at most ``limit_per_split`` per (dataset, split),
+    split into usable rows and quarantined ones (duplicate ids, bad labels … with the reason).
 
     Raises :class:`ConfigError` naming the config field when a dataset is not in the manifest.
     """
@@ -89,11 +90,17 @@ def select_rows(manifest: pa.Table, cfg: JobConfig) -> pa.Table:
         for k in np.unique(keys):
             keep[np.flatnonzero(keys == k)[: cfg.data.limit_per_split]] = True
         table = table.filter(pa.array(keep))
+    reasons = row_problems(table, num_classes)
+    bad = pa.array([r is not None for r in reasons])
+    quarantined = table.filter(bad).select(["image_id", "dataset", "split"])
+    quarantined = quarantined.append_column("stage", pa.array(["manifest"] * quarantined.num_rows, pa.string()))
+    quarantined = quarantined.append_column("reason", pa.array([r for r in reasons if r is not None], pa.string()))
+    table = table.filter(pc.invert(bad))
     id_test = table.filter(pc.and_(pc.equal(table.column("dataset"), cfg.data.id_dataset), pc.equal(table.column("split"), "test")))
     id_train = table.filter(pc.and_(pc.equal(table.column("dataset"), cfg.data.id_dataset), pc.equal(table.column("split"), "train")))
     if id_test.num_rows == 0 or id_train.num_rows == 0:
         raise ConfigError(f"data.id_dataset: {cfg.data.id_dataset!r} needs train and test rows in the manifest")
-    return table
+    return table, quarantined
 
 
 def build_detectors(cfg: JobConfig) -> dict[str, Detector]:
@@ -129,6 +136,16 @@ def init_ray() -> None:
 # --- the job ---
 
 
+def commit_manifest_quarantine(cfg: JobConfig, manifest_hash: str, rejected: pa.Table) -> storage.StageDir:
+    """Commit the manifest rows that cannot be used (``quarantine/key=…/manifest.parquet``)."""
+    key = storage.content_key("quarantine", MANIFEST_VERSION, manifest=manifest_hash, ids=rejected.column("image_id").to_pylist())
+    target = storage.stage_dir(cfg.output, cfg.experiment, "quarantine", key)
+    if not target.done:
+        with target.writing() as tmp:
+            storage.write_table(rejected.cast(embed.QUARANTINE_SCHEMA), tmp, "manifest.parquet")
+    return target
+
+
 def id_train_hash(selected: pa.Table, id_dataset: str) -> str:
     """Content hash of the ID-train rows: what FIT depends on (not the other shards' rows)."""
     mask = pc.and_(pc.equal(selected.column("dataset"), id_dataset), pc.equal(selected.column("split"), "train"))
@@ -142,15 +159,22 @@ def run(cfg: JobConfig, schedule: str | None = None, config_path: str = "") -> d
     stages = StageLog()
     exp_root = Path(cfg.output) / cfg.experiment
     manifest, manifest_hash, manifest_path = prepare_manifest(cfg)
-    selected = select_rows(manifest, cfg)
-    detectors = build_detectors(cfg)
     model = load_job_model(cfg)
+    selected, rejected = select_rows(manifest, cfg, model.num_classes)
+    detectors = build_detectors(cfg)
     model_hash = model.weights_hash()
     head = Head(*model.head_arrays())
-    print(f"[manifest] {manifest.num_rows} images in {manifest_path}; selected {selected.num_rows} for this job", flush=True)
+    print(
+        f"[manifest] {manifest.num_rows} images in {manifest_path}; selected {selected.num_rows + rejected.num_rows} "
+        f"for this job, {rejected.num_rows} quarantined (bad manifest rows)", flush=True,
+    )
+    quarantine = commit_manifest_quarantine(cfg, manifest_hash, rejected)
     scratch = exp_root / ".scratch" / uuid.uuid4().hex[:8]
     try:
         features = run_embed_stage(cfg, selected, model, model_hash, scratch, stages)
+        stages.counts["embed"]["input"] += rejected.num_rows
+        stages.counts["embed"]["quarantined"] += rejected.num_rows
+        stages.paths["quarantine"] = str(quarantine.path)
         fit_key = run_fit_stage(cfg, selected, model, model_hash, head, detectors, features, stages)
         score_dirs, scores_key = run_score_stage(cfg, fit_key, features, detectors, scratch, stages)
         metrics_df, eval_dir = run_evaluate_stage(cfg, scores_key, score_dirs, stages)

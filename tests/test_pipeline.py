@@ -97,18 +97,29 @@ def test_quarantine_counts_reconcile(tmp_path, ray_local, digits_sets):
         images[i] = payload
         bad_ids[table.column("image_id")[i].as_py()] = payload
     table = table.set_column(table.schema.get_field_index("image"), "image", pa.array(images, pa.binary()))
+    labels = table.column("label").to_pylist()
+    labels[10] = 8  # the digits model has 8 classes
+    bad_ids[table.column("image_id")[10].as_py()] = "label"
+    table = table.set_column(table.schema.get_field_index("label"), "label", pa.array(labels, pa.int32()))
+    dup = table.slice(20, 1).set_column(table.schema.get_field_index("label"), "label", pa.array([0], pa.int32()))
+    table = pa.concat_tables([table, dup])  # a repeated image_id: the first occurrence is kept
     pq.write_table(table, tmp_path / "manifest.parquet")
     raw = small_config(tmp_path, source="manifest", manifest=str(tmp_path / "manifest.parquet"), ood_datasets=["noise"])
     raw["data"].pop("limit_per_split")
     summary = nightly.run(parse_config(raw))
     counts = summary["counts"]["embed"]
-    assert counts["input"] == table.num_rows and counts["quarantined"] == 3
+    assert counts["input"] == table.num_rows and counts["quarantined"] == 5
     assert counts["features"] + counts["quarantined"] == counts["input"]
-    q = storage.read_table(shards.index_dirs(summary["stages"]["embed"], "quarantine")).to_pandas()
-    assert set(q.image_id) == set(bad_ids)
-    assert q.set_index("image_id").loc[list(bad_ids)[0], "reason"] == "zero-length image bytes"
+    q_embed = storage.read_table(shards.index_dirs(summary["stages"]["embed"], "quarantine")).to_pandas()
+    q_manifest = pq.read_table(Path(summary["stages"]["quarantine"]) / "manifest.parquet").to_pandas()
+    assert set(q_embed.image_id) == set(list(bad_ids)[:3])
+    assert q_embed.set_index("image_id").loc[list(bad_ids)[0], "reason"] == "zero-length image bytes"
+    dup_id = table.column("image_id")[20].as_py()
+    assert sorted(q_manifest.image_id) == sorted([list(bad_ids)[3], dup_id])
+    assert "out of range" in q_manifest.set_index("image_id").loc[list(bad_ids)[3], "reason"]
     scores = storage.read_table(shards.index_dirs(summary["stages"]["score"], "scores")).to_pandas()
-    assert len(scores) == table.num_rows - 3 and not set(scores.image_id) & set(bad_ids)
+    assert len(scores) == table.num_rows - 5 and not set(scores.image_id) & set(bad_ids)
+    assert scores.set_index("image_id").loc[dup_id, "label"] == table.column("label")[20].as_py()
 
 
 @pytest.mark.parametrize(

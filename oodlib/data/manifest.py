@@ -195,11 +195,45 @@ def validate_manifest(table: pa.Table, source: str = "manifest") -> None:
         raise ManifestError(f"{source}: image {no_image[0]!r} has neither a path nor image bytes")
 
 
-def read_manifest(path: str | Path) -> pa.Table:
-    """Read and validate a manifest Parquet file."""
+def row_problems(table: pa.Table, num_classes: int | None = None) -> list[str | None]:
+    """Per row: why it cannot be used (the quarantine reason), or None.
+
+    Problems: empty ``image_id``, a repeated ``image_id`` (the first occurrence is kept), a split
+    outside train/val/test, no path and no bytes, a label < −1 or ≥ ``num_classes``.
+    """
+    seen: set[str] = set()
+    reasons: list[str | None] = []
+    cols = zip(
+        table.column("image_id").to_pylist(), table.column("split").to_pylist(), table.column("label").to_pylist(),
+        table.column("path").to_pylist(), table.column("image").is_null().to_pylist(),
+    )
+    for image_id, split, label, path, no_bytes in cols:
+        reason = None
+        if not image_id:
+            reason = "empty image_id"
+        elif image_id in seen:
+            reason = f"duplicate image_id {image_id!r} (first occurrence kept)"
+        elif split not in SPLITS:
+            reason = f"split {split!r} not in {SPLITS}"
+        elif path is None and no_bytes:
+            reason = "neither a path nor image bytes"
+        elif label is None or label < -1 or (num_classes is not None and label >= num_classes):
+            reason = f"label {label} out of range [-1, {num_classes})"
+        seen.add(image_id)
+        reasons.append(reason)
+    return reasons
+
+
+def read_manifest(path: str | Path, strict: bool = True) -> pa.Table:
+    """Read a manifest Parquet file; ``strict`` also rejects bad rows (see :func:`row_problems`)."""
     path = Path(path)
     if not path.exists():
         raise ManifestError(f"manifest {path} does not exist")
-    table = conform(pq.read_table(path), source=str(path))
-    validate_manifest(table, source=str(path))
+    try:
+        raw = pq.read_table(path)
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise ManifestError(f"manifest {path} is not a readable Parquet file: {exc}") from exc
+    table = conform(raw, source=str(path))
+    if strict:
+        validate_manifest(table, source=str(path))
     return table
