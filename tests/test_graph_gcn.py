@@ -1,0 +1,144 @@
+"""GCN layers against dense Â·X·W and torch-geometric's default path; OE loss; sampling; I/O."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch.nn import functional as F
+from torch_geometric.nn import GCNConv
+
+from oodlib.graph.gcn import (
+    GraphNet,
+    GraphNetConfig,
+    TrainConfig,
+    load_graph_net,
+    oe_loss,
+    sample_subgraph,
+    save_graph_net,
+    train_full_batch,
+    train_sampled,
+)
+from oodlib.graph.knn_graph import cosine_knn_graph, normalized_adjacency
+
+
+@pytest.fixture(scope="module")
+def graph():
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 3, 120)
+    x = (rng.standard_normal((3, 16))[y] + 0.8 * rng.standard_normal((120, 16))).astype(np.float32)
+    ei = cosine_knn_graph(x, k=7)
+    return torch.from_numpy(x), torch.from_numpy(y), ei, normalized_adjacency(ei, len(x))
+
+
+def test_gcnconv_with_cached_adjacency_equals_dense_and_pyg_default(graph):
+    x, _, ei, adj = graph
+    torch.manual_seed(0)
+    conv = GCNConv(16, 8, normalize=False)
+    torch.nn.init.normal_(conv.bias)
+    ref_conv = GCNConv(16, 8)  # default path: edge_index, gcn_norm each call, scatter aggregation
+    ref_conv.load_state_dict(conv.state_dict())
+    dense = adj.to_dense() @ (x @ conv.lin.weight.T) + conv.bias
+    out = conv(x, adj)
+    torch.testing.assert_close(out, dense, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, ref_conv(x, ei), rtol=1e-5, atol=1e-5)
+    # first-layer cache: GCNConv(x, Â) == (Â x) W + b
+    torch.testing.assert_close(conv.lin(torch.sparse.mm(adj, x)) + conv.bias, out, rtol=1e-5, atol=1e-5)
+
+
+def test_graphnet_eval_forward_matches_manual(graph):
+    x, _, _, adj = graph
+    torch.manual_seed(0)
+    net = GraphNet(GraphNetConfig(16, 3, hidden=8))
+    for bn in net.bns:  # non-trivial running statistics
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+    net.eval()
+    a = adj.to_dense()
+
+    def bn(i, h):
+        m = net.bns[i]
+        return (h - m.running_mean) / torch.sqrt(m.running_var + m.eps) * m.weight + m.bias
+
+    h = x
+    for i, conv in enumerate(net.layers):
+        h = bn(i, a @ h @ conv.lin.weight.T + conv.bias)
+        if i < 2:
+            h = torch.relu(h)
+            emb = h
+    logits, embedding = net(x, adj)
+    torch.testing.assert_close(logits, h, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(embedding, emb, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(net(x, adj, torch.sparse.mm(adj, x))[0], logits, rtol=1e-5, atol=1e-5)
+
+
+def test_mlp_has_the_gcn_parameter_count():
+    count = lambda kind: sum(p.numel() for p in GraphNet(GraphNetConfig(512, 10, kind=kind)).parameters())
+    assert count("mlp") == count("gcn") == 512 * 512 + 512 + 512 * 512 + 512 + 512 * 10 + 10 + 2 * (2 * 512) + 2 * 10
+    assert count("linear") == 512 * 10 + 10
+
+
+def test_oe_loss_formula():
+    assert math.isclose(float(oe_loss(torch.zeros(1, 4))), math.log(4), rel_tol=1e-6)
+    z = torch.tensor([[1.0, 2.0, 3.0], [0.0, -1.0, 5.0]])
+    by_hand = np.mean([math.log(sum(math.exp(v) for v in row)) - np.mean(row) for row in z.tolist()])
+    assert math.isclose(float(oe_loss(z)), by_hand, rel_tol=1e-6)
+    uniform = torch.full_like(z, 1 / 3)
+    torch.testing.assert_close(oe_loss(z), F.cross_entropy(z, uniform))
+
+
+def test_full_batch_training_learns(graph):
+    x, y, _, adj = graph
+    train = torch.arange(len(x)) < 90
+    oe = torch.zeros(len(x), dtype=torch.bool)
+    torch.manual_seed(0)
+    net = GraphNet(GraphNetConfig(16, 3, hidden=32))
+    hist = train_full_batch(net, x, y, train, oe, adj, TrainConfig(epochs=60, lr=1e-2))
+    assert hist[-1]["loss"] < 0.5 * hist[0]["loss"]
+    acc = (net(x, adj)[0].argmax(1) == y)[~train].float().mean()
+    assert acc > 0.8 and not net.training
+
+
+def test_sampled_subgraph_with_full_fanout_is_exact(graph):
+    x, _, _, adj = graph
+    torch.manual_seed(0)
+    net = GraphNet(GraphNetConfig(16, 3, hidden=8)).eval()
+    seeds = torch.tensor([5, 17, 40])
+    nodes, sub = sample_subgraph(adj, seeds, (1000, 1000), torch.Generator().manual_seed(0))
+    assert (nodes[:3] == seeds).all() and len(torch.unique(nodes)) == len(nodes)
+    ax = torch.sparse.mm(adj, x)
+    got = net(x[nodes], sub, ax[nodes])[0][:3]
+    torch.testing.assert_close(got, net(x, adj)[0][seeds], rtol=1e-4, atol=1e-5)
+
+
+def test_sampled_subgraph_respects_fanout(graph):
+    _, _, _, adj = graph
+    seeds = torch.arange(10)
+    nodes, sub = sample_subgraph(adj, seeds, (2,), torch.Generator().manual_seed(1))
+    d = sub.to_dense()
+    per_row = (d[:10] != 0).sum(1) - 1  # minus the self-loop
+    full = (adj.to_dense()[:10] != 0).sum(1) - 1
+    assert (per_row == torch.minimum(full, torch.tensor(2))).all()
+    # rescaled rows keep the full row's sum of neighbour weights in expectation; exact for rows with ≤ 2
+    assert (d[10:].count_nonzero(1) == 1).all()
+
+
+def test_sampled_training_runs_and_learns(graph):
+    x, y, _, adj = graph
+    train = torch.ones(len(x), dtype=torch.bool)
+    torch.manual_seed(0)
+    net = GraphNet(GraphNetConfig(16, 3, hidden=32))
+    tc = TrainConfig(epochs=15, lr=1e-2, fanouts=(3, 3), batch_size=32)
+    hist = train_sampled(net, x, y, train, ~train, adj, tc)
+    assert hist[-1]["loss"] < hist[0]["loss"]
+    assert (net(x, adj)[0].argmax(1) == y).float().mean() > 0.8
+
+
+def test_save_load_roundtrip(graph, tmp_path):
+    x, _, _, adj = graph
+    net = GraphNet(GraphNetConfig(16, 3, hidden=8)).eval()
+    save_graph_net(net, tmp_path / "g.safetensors", extra={"seed": 3})
+    back, extra = load_graph_net(tmp_path / "g.safetensors")
+    assert extra == {"seed": 3} and back.cfg == net.cfg
+    torch.testing.assert_close(back(x, adj)[0], net(x, adj)[0])
