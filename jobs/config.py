@@ -103,6 +103,36 @@ class DetectorConfig(Strict):
         return v
 
 
+class GraphConfig(Strict):
+    """Long-tailed OOD with graph embeddings (GRAPH stage): Gaussianized features → kNN graph → GCN."""
+
+    enabled: bool = False
+    #: long-tailed ID training set (its ``train`` split); BN statistics are re-estimated on it
+    train_dataset: str = "digits-lt100"
+    #: auxiliary outliers for outlier exposure (every split), never a test OOD set
+    oe_dataset: str = "photo-oe"
+    #: test OOD sets (default: data.ood_datasets)
+    ood_datasets: list[str] | None = None
+    ablations: list[str] = Field(default_factory=lambda: ["pretrain", "pretrain_gau", "pretrain_gcn", "gcn", "pretrain_gau_mlp"])
+    k: int = Field(default=7, ge=2)
+    hidden: int = Field(default=512, gt=0)
+    epochs: int = Field(default=200, gt=0)
+    seed: int = 0
+    bn_finetune_epochs: int = Field(default=0, ge=0)
+    #: inductive inference on random batches of this size (None = one graph per OOD set)
+    batch_size: int | None = Field(default=None, gt=1)
+
+    @field_validator("ablations")
+    @classmethod
+    def _known(cls, v: list[str]) -> list[str]:
+        from oodlib.graph.ltood import ABLATIONS
+
+        unknown = [a for a in v if a not in ABLATIONS]
+        if unknown:
+            raise ValueError(f"unknown ablation(s) {unknown}; known: {sorted(ABLATIONS)}")
+        return v
+
+
 class MlflowConfig(Strict):
     #: None → sqlite:///{output}/mlflow.db (or $MLFLOW_TRACKING_URI when set)
     tracking_uri: str | None = None
@@ -116,6 +146,7 @@ class JobConfig(Strict):
     model: ModelConfig = Field(default_factory=ModelConfig)
     embed: EmbedConfig = Field(default_factory=EmbedConfig)
     detectors: list[DetectorConfig] = Field(default_factory=lambda: [DetectorConfig(name=n) for n in ("msp", "maxlogit", "energy")])
+    graph: GraphConfig = Field(default_factory=GraphConfig)
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
     schedule: str = "manual"
 
@@ -124,6 +155,12 @@ class JobConfig(Strict):
     def _names_to_entries(cls, v):
         """Allow plain names (``- energy``) next to ``{name: …, params: …}`` entries."""
         return [{"name": d} if isinstance(d, str) else d for d in v]
+
+    @model_validator(mode="after")
+    def _graph_sets_not_ood(self) -> "JobConfig":
+        if self.graph.enabled and self.graph.oe_dataset in (self.graph.ood_datasets or self.data.ood_datasets):
+            raise ValueError(f"graph.oe_dataset: {self.graph.oe_dataset!r} is also a test OOD set")
+        return self
 
     @model_validator(mode="after")
     def _unique_detectors(self) -> "JobConfig":

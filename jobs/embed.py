@@ -16,6 +16,7 @@ import torch
 
 import pyarrow.compute  # noqa: F401  (pa.compute)
 
+from jobs.extras import Extra, ExtraSpec, build_extras
 from jobs.shards import commit_shard
 from jobs.storage import StageDir, parquet_rows, vector_column, write_table
 from oodlib.data.decode import decode_batch
@@ -37,6 +38,7 @@ class ModelSpec:
     num_classes: int
     state: object  # ray.ObjectRef to {param name: np.ndarray}, or the dict itself
     device: str = "auto"
+    extras: tuple[ExtraSpec, ...] = ()
 
 
 def model_state_arrays(model: ModelAdapter) -> dict[str, np.ndarray]:
@@ -51,12 +53,12 @@ def rebuild_model(name: str, num_classes: int, state: dict[str, np.ndarray], dev
     return model.to(device).eval()
 
 
-@torch.inference_mode()
-def embed_batch(model: ModelAdapter, batch: pa.Table, device: torch.device) -> pa.Table:
-    """Features and logits for one manifest batch.
+def embed_batch(model: ModelAdapter, batch: pa.Table, device: torch.device, extras: list[Extra] = ()) -> pa.Table:
+    """Features, logits and the configured extras for one manifest batch (one decode, one forward).
 
     Returns one row per input row: the pass-through columns, ``pred`` (int32), ``logits`` [C],
-    ``features`` [D] (zeros for a quarantined row) and ``quarantine_reason`` (null when fine).
+    ``features`` [D], each extra's columns (zeros for a quarantined row) and
+    ``quarantine_reason`` (null when fine).
     """
     images = batch.column("image").to_pylist()
     paths = batch.column("path").to_pylist()
@@ -64,14 +66,22 @@ def embed_batch(model: ModelAdapter, batch: pa.Table, device: torch.device) -> p
     n, ok = batch.num_rows, np.array([r is None for r in reasons], bool)
     feats = np.zeros((n, model.feature_dim), np.float32)
     logits = np.zeros((n, model.num_classes), np.float32)
+    extra_cols = {c: np.zeros((n, w) if w else n, np.float32) for e in extras for c, w in e.columns.items()}
     if ok.any():
-        h = model.features(x.to(device, non_blocking=True))
-        f = model.head(h)
+        x = x.to(device, non_blocking=True)
+        with torch.inference_mode():
+            h = model.features(x)
+            f = model.head(h)
         feats[ok] = h.float().cpu().numpy()
         logits[ok] = f.float().cpu().numpy()
+        for extra in extras:
+            for c, values in extra(model, x, h, f).items():
+                extra_cols[c][ok] = values
     finite = np.isfinite(feats).all(1) & np.isfinite(logits).all(1)
+    for values in extra_cols.values():
+        finite &= np.isfinite(values.reshape(n, -1)).all(1)
     for i in np.flatnonzero(ok & ~finite):
-        reasons[i] = "non-finite features or logits"
+        reasons[i] = "non-finite features, logits or extras"
     pred = np.where(ok & finite, logits.argmax(1), -1).astype(np.int32)
     cols = {c: batch.column(c) for c in PASS_THROUGH}
     cols["label"] = cols["label"].cast(pa.int32())
@@ -81,6 +91,7 @@ def embed_batch(model: ModelAdapter, batch: pa.Table, device: torch.device) -> p
             "pred": pa.array(pred),
             "logits": vector_column(logits),
             "features": vector_column(feats),
+            **{c: vector_column(v) if v.ndim == 2 else pa.array(v) for c, v in extra_cols.items()},
             "quarantine_reason": pa.array(reasons, pa.string()),
         }
     )
@@ -97,9 +108,10 @@ class EmbedActor:
         state = ray.get(spec.state) if isinstance(spec.state, ray.ObjectRef) else spec.state
         self.device = resolve_device(spec.device)
         self.model = rebuild_model(spec.name, spec.num_classes, state, self.device)
+        self.extras = build_extras(spec.extras, self.model, self.device)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        return embed_batch(self.model, batch, self.device)
+        return embed_batch(self.model, batch, self.device, self.extras)
 
 
 def gpus_per_actor(requested: str | float) -> float:

@@ -59,14 +59,21 @@ def metrics_table(rows: list[dict]) -> pa.Table:
 
 
 def results_markdown(metrics: pd.DataFrame) -> str:
-    """OOD set × detector table with every OOD metric (percent), plus ID accuracy lines."""
-    ood = metrics[metrics.task == "ood"]
-    wide = ood.pivot_table(index=["dataset", "method"], columns="metric", values="value", sort=False)[list(OOD_METRICS)]
-    lines = ["| OOD set | detector | " + " | ".join(OOD_METRICS) + " |", "|---|---|" + "---:|" * len(OOD_METRICS)]
-    for (dataset, method), row in wide.iterrows():
-        lines.append(f"| {dataset} | {method} | " + " | ".join(f"{100 * row[m]:.2f}" for m in OOD_METRICS) + " |")
+    """Per task: OOD set × method table (percent) — ``ood`` (feature/logit detectors) and
+    ``ood-lt`` (long-tailed graph variants, with ID accuracy) — then ID accuracy lines."""
+    lines: list[str] = []
+    for task, title in (("ood", "OOD detection"), ("ood-lt", "Long-tailed OOD (graph stage)")):
+        rows = metrics[metrics.task == task]
+        if rows.empty:
+            continue
+        cols = [m for m in (*OOD_METRICS, "acc", "acc_head", "acc_tail") if m in set(rows.metric)]
+        wide = rows.pivot_table(index=["dataset", "method"], columns="metric", values="value", sort=False)[cols]
+        lines += [f"### {title}", "", "| OOD set | method | " + " | ".join(cols) + " |", "|---|---|" + "---:|" * len(cols)]
+        for (dataset, method), row in wide.iterrows():
+            lines.append(f"| {dataset} | {method} | " + " | ".join("" if pd.isna(row[m]) else f"{100 * row[m]:.2f}" for m in cols) + " |")
+        lines.append("")
     acc = metrics[metrics.task == "classify"]
-    lines += ["", "| ID set | accuracy |", "|---|---:|"] + [f"| {r.dataset} | {100 * r.value:.2f} |" for r in acc.itertuples()]
+    lines += ["| ID set | accuracy |", "|---|---:|"] + [f"| {r.dataset} | {100 * r.value:.2f} |" for r in acc.itertuples()]
     return "\n".join(lines)
 
 

@@ -25,7 +25,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import yaml
 
-from jobs import embed, evaluate, fit, score, shards, storage, tracking
+from jobs import embed, evaluate, fit, graph, score, shards, storage, tracking
+from jobs.extras import ExtraSpec
 from jobs.config import ConfigError, JobConfig, load_config
 from oodlib.data.digits import build_digits
 from oodlib.data.manifest import ManifestError, manifest_from_image_sets, read_manifest, row_problems
@@ -33,7 +34,7 @@ from oodlib.detectors import Detector, Head, make_detector
 from oodlib.models import ModelAdapter, WeightsError, load_model
 
 log = logging.getLogger("oodlib.nightly")
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2
 EVALUATE_VERSION = 1
 
 
@@ -82,7 +83,13 @@ def select_rows(manifest: pa.Table, cfg: JobConfig, num_classes: int) -> tuple[p
         missing = [n for n in names if n not in present]
         if missing:
             raise ConfigError(f"{fname}: dataset(s) {missing} not in the manifest (has {sorted(present)})")
-    datasets = [n for names in wanted.values() for n in names]
+    if cfg.graph.enabled:
+        wanted["graph.train_dataset"] = [cfg.graph.train_dataset]
+        wanted["graph.oe_dataset"] = [cfg.graph.oe_dataset]
+        missing = [n for n in wanted["graph.train_dataset"] + wanted["graph.oe_dataset"] if n not in present]
+        if missing:
+            raise ConfigError(f"graph: dataset(s) {missing} not in the manifest (has {sorted(present)})")
+    datasets = list(dict.fromkeys(n for names in wanted.values() for n in names))
     table = manifest.filter(pc.is_in(manifest.column("dataset"), pa.array(datasets)))
     if cfg.data.limit_per_split:
         keys = np.char.add(np.asarray(table.column("dataset").to_pylist(), str), np.asarray(table.column("split").to_pylist(), str))
@@ -146,11 +153,30 @@ def commit_manifest_quarantine(cfg: JobConfig, manifest_hash: str, rejected: pa.
     return target
 
 
+def id_rows_hash(rows: pa.Table) -> str:
+    """Content hash of a set of manifest rows (e.g. the ID-train rows FIT depends on)."""
+    return shards.shard_hashes(rows, np.zeros(rows.num_rows, np.int32))[0]
+
+
 def id_train_hash(selected: pa.Table, id_dataset: str) -> str:
     """Content hash of the ID-train rows: what FIT depends on (not the other shards' rows)."""
     mask = pc.and_(pc.equal(selected.column("dataset"), id_dataset), pc.equal(selected.column("split"), "train"))
-    train = selected.filter(mask)
-    return shards.shard_hashes(train, np.zeros(train.num_rows, np.int32))[0]
+    return id_rows_hash(selected.filter(mask))
+
+
+def run_graph_stage(cfg: JobConfig, model: ModelAdapter, features: dict[str, Path], stages: StageLog) -> pd.DataFrame:
+    """GRAPH on the long-tailed set (reused when the features and the graph config are unchanged)."""
+    t0 = time.time()
+    key = storage.content_key(
+        "graph", graph.STAGE_VERSION, features=sorted(features), graph=cfg.graph.model_dump(),
+        id=cfg.data.id_dataset, ood=cfg.graph.ood_datasets or cfg.data.ood_datasets,
+    )
+    target = storage.stage_dir(cfg.output, cfg.experiment, "graph", key)
+    reused = target.done
+    if not reused:
+        graph.run_graph(cfg, list(features.values()), model.num_classes, target)
+    stages.record("graph", target, reused, time.time() - t0)
+    return pq.read_table(target.path / "metrics.parquet").to_pandas()
 
 
 def run(cfg: JobConfig, schedule: str | None = None, config_path: str = "") -> dict:
@@ -171,13 +197,16 @@ def run(cfg: JobConfig, schedule: str | None = None, config_path: str = "") -> d
     quarantine = commit_manifest_quarantine(cfg, manifest_hash, rejected)
     scratch = exp_root / ".scratch" / uuid.uuid4().hex[:8]
     try:
-        features = run_embed_stage(cfg, selected, model, model_hash, scratch, stages)
+        extras, extras_key = embed_extras(cfg, selected, model, model_hash, stages)
+        features = run_embed_stage(cfg, selected, model, model_hash, extras, extras_key, scratch, stages)
         stages.counts["embed"]["input"] += rejected.num_rows
         stages.counts["embed"]["quarantined"] += rejected.num_rows
         stages.paths["quarantine"] = str(quarantine.path)
         fit_key = run_fit_stage(cfg, selected, model, model_hash, head, detectors, features, stages)
         score_dirs, scores_key = run_score_stage(cfg, fit_key, features, detectors, scratch, stages)
         metrics_df, eval_dir = run_evaluate_stage(cfg, scores_key, score_dirs, stages)
+        if cfg.graph.enabled:
+            metrics_df = pd.concat([metrics_df, run_graph_stage(cfg, model, features, stages)], ignore_index=True)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
@@ -203,12 +232,29 @@ def run(cfg: JobConfig, schedule: str | None = None, config_path: str = "") -> d
     return summary
 
 
-def run_embed_stage(cfg: JobConfig, selected: pa.Table, model: ModelAdapter, model_hash: str, scratch: Path, stages: StageLog) -> dict[str, Path]:
+def embed_extras(cfg: JobConfig, selected: pa.Table, model: ModelAdapter, model_hash: str, stages: StageLog) -> tuple[list, dict]:
+    """The per-image extras EMBED computes (with their fitted state) and what keys them."""
+    extras, keys = [], {}
+    if cfg.graph.enabled:
+        t0 = time.time()
+        lt = graph.lt_train_rows(selected, cfg.graph.train_dataset)
+        gmodel, path = graph.gaussianized_model(cfg, lt, model, model_hash, id_rows_hash(lt))
+        extras.append(("gfeatures", {}, embed.model_state_arrays(gmodel)))
+        keys["gfeatures"] = path.name
+        stages.paths["gaussianized"] = str(path)
+        stages.seconds["gaussianized"] = round(time.time() - t0, 2)
+    return extras, keys
+
+
+def run_embed_stage(
+    cfg: JobConfig, selected: pa.Table, model: ModelAdapter, model_hash: str, extras: list, extras_key: dict,
+    scratch: Path, stages: StageLog,
+) -> dict[str, Path]:
     """EMBED the shards whose content key is not committed yet; returns {shard key: features dir}."""
     t0 = time.time()
     shard_no = shards.shard_of(selected.column("image_id").to_pylist(), cfg.embed.num_shards)
     selected = selected.append_column("shard", pa.array(shard_no))
-    stage_cfg = {"model": model_hash, "preprocess": repr(model.preprocess)}
+    stage_cfg = {"model": model_hash, "preprocess": repr(model.preprocess), "extras": extras_key}
     keys = {s: storage.content_key("embed-shard", embed.STAGE_VERSION, shard=h, **stage_cfg) for s, h in shards.shard_hashes(selected, shard_no).items()}
     root = Path(cfg.output) / cfg.experiment / "embed"
     targets = {s: storage.StageDir(root / "shards", k) for s, k in keys.items()}
@@ -218,7 +264,8 @@ def run_embed_stage(cfg: JobConfig, selected: pa.Table, model: ModelAdapter, mod
         init_ray()
         import ray
 
-        spec = embed.ModelSpec(cfg.model.name, model.num_classes, ray.put(embed.model_state_arrays(model)), cfg.model.device)
+        specs = tuple(ExtraSpec(name, params, ray.put(state)) for name, params, state in extras)
+        spec = embed.ModelSpec(cfg.model.name, model.num_classes, ray.put(embed.model_state_arrays(model)), cfg.model.device, specs)
         rows = selected.filter(pc.is_in(selected.column("shard"), pa.array(sorted(todo), pa.int32())))
         embed.run_embed(
             rows, todo, spec, cfg.embed.batch_size, cfg.embed.num_actors,

@@ -3,6 +3,8 @@
 * ID: handwritten digits 0–7 (``dataset="digits"``), stratified train/val/test (60/20/20).
 * near-OOD: digits 8–9 (``digits-near``); far-OOD: patches of scikit-learn's sample photographs
   (``photo-patches``) and noise images (``noise``). OOD rows have ``label = -1``, split ``test``.
+* ``photo-oe``: other patches of the same photographs (split ``train``), the auxiliary outlier set
+  for outlier exposure — never used as a test OOD set.
 * ``digits-c``: the ID test split under 4 corruptions × 3 severities (labels kept), where the
   model makes wrong predictions; ``subset`` names the corruption and severity (``blur-2``).
 * ``digits-lt10`` / ``digits-lt100``: long-tailed subsets of the ID train split with the
@@ -68,14 +70,13 @@ def long_tail_counts(n_max: int, num_classes: int, imbalance_ratio: float) -> li
     ]
 
 
-def long_tail_indices(
-    labels: np.ndarray, imbalance_ratio: float, rng: np.random.Generator
-) -> np.ndarray:
-    """Indices of a long-tailed subset of ``labels`` (classes in sorted order, 0 = head)."""
+def long_tail_indices(labels: np.ndarray, imbalance_ratio: float) -> np.ndarray:
+    """Indices of a long-tailed subset of ``labels``: the first n_k images of each class, in
+    order (the CIFAR-LT rule; classes in sorted order, 0 = head)."""
     classes = np.unique(labels)
     n_max = min(int((labels == c).sum()) for c in classes)
     counts = long_tail_counts(n_max, len(classes), imbalance_ratio)
-    keep = [rng.permutation(np.flatnonzero(labels == c))[:n] for c, n in zip(classes, counts)]
+    keep = [np.flatnonzero(labels == c)[:n] for c, n in zip(classes, counts)]
     return np.sort(np.concatenate(keep))
 
 
@@ -153,6 +154,10 @@ def build_digits(seed: int = 0, n_photo: int = 400, n_noise: int = 400) -> list[
     for name, arr in (("photo-patches", photo_patches(n_photo, rng)), ("noise", noise_images(n_noise, rng))):
         ids = [f"{name}/test/{i:05d}" for i in range(len(arr))]
         sets.append(ImageSet(name, "test", arr, np.full(len(arr), -1), ids))
+    # auxiliary outliers for outlier exposure: other patches of the same photographs (split train),
+    # kept apart from every test OOD set
+    oe = photo_patches(n_photo, rng)
+    sets.append(ImageSet("photo-oe", "train", oe, np.full(len(oe), -1), [f"photo-oe/train/{i:05d}" for i in range(len(oe))]))
 
     c_images, c_labels, c_ids, c_subsets = [], [], [], []
     for kind in CORRUPTIONS:
@@ -166,6 +171,6 @@ def build_digits(seed: int = 0, n_photo: int = 400, n_noise: int = 400) -> list[
     )
 
     for rho in (10, 100):
-        lt = train[long_tail_indices(labels[train], rho, rng)]
+        lt = train[long_tail_indices(labels[train], rho)]
         sets.append(take(f"digits-lt{rho}", "train", lt))
     return sets
