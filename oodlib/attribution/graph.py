@@ -1,0 +1,242 @@
+"""A classifier as a flat program of propagation ops, and its recorded forward pass.
+
+:func:`build_program` turns a :class:`~oodlib.models.base.ModelAdapter` (backbone + linear head)
+into a list of ops that every relevance rule walks backwards:
+
+* :class:`ConvOp` — ``Conv2d`` with the ``BatchNorm2d`` that follows it (kept separate: LRP rules
+  use the folded weights, RAP/AE use the raw convolution weight with BatchNorm as identity);
+* :class:`LinearOp` — ``Linear`` (the adapter's head is flagged ``head=True``);
+* :class:`PoolOp` — max pooling (relevance routed to the arg-max) and average / adaptive average
+  pooling (z-rule);
+* :class:`ResidualOp` — a torchvision ``Bottleneck``/``BasicBlock`` as ``branch(x) + shortcut(x)``
+  (shortcut = downsample conv+BN, or the identity), followed by a :class:`ReLUOp`;
+* :class:`ReLUOp`, :class:`FlattenOp`; ``Dropout``/``Identity`` are dropped (eval mode).
+
+Any other module raises :class:`UnsupportedLayerError` naming the module and its type.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models.resnet import BasicBlock, Bottleneck
+
+
+class UnsupportedLayerError(TypeError):
+    """The model holds a layer that relevance propagation does not support."""
+
+
+@dataclass(eq=False)
+class ConvOp:
+    """``bn(conv(x))``. ``first`` marks the layer that receives the image (z^β rule)."""
+
+    name: str
+    conv: nn.Conv2d
+    bn: nn.BatchNorm2d | None = None
+    first: bool = False
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """Raw convolution weight (Co×Ci×kh×kw)."""
+        return self.conv.weight.detach()
+
+    def folded(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weight, bias) of the convolution with its BatchNorm folded in (eval statistics)."""
+        w = self.weight
+        b = self.conv.bias.detach() if self.conv.bias is not None else torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)
+        if self.bn is None:
+            return w, b
+        scale = self.bn.weight.detach() / torch.sqrt(self.bn.running_var + self.bn.eps)
+        return w * scale[:, None, None, None], (b - self.bn.running_mean) * scale + self.bn.bias.detach()
+
+    def conv2d(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """``x`` convolved with ``w`` using this layer's stride/padding/dilation (no bias)."""
+        c = self.conv
+        return F.conv2d(x, w, None, c.stride, c.padding, c.dilation)
+
+    def conv2d_t(self, s: torch.Tensor, w: torch.Tensor, x_shape: torch.Size) -> torch.Tensor:
+        """Transposed convolution of ``s`` (B×Co×h×w) with ``w`` back to ``x_shape`` (B×Ci×H×W)."""
+        c = self.conv
+        return torch.nn.grad.conv2d_input(x_shape, w, s, c.stride, c.padding, c.dilation)
+
+    def post(self, z: torch.Tensor) -> torch.Tensor:
+        """Conv bias and BatchNorm applied to the bias-free convolution output ``z``."""
+        if self.conv.bias is not None:
+            z = z + self.conv.bias.detach()[:, None, None]
+        return self.bn(z) if self.bn is not None else z
+
+    @property
+    def pointwise(self) -> bool:
+        return tuple(self.conv.kernel_size) == (1, 1)
+
+
+@dataclass(eq=False)
+class LinearOp:
+    name: str
+    linear: nn.Linear
+    head: bool = False
+
+    def params(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weight C×D, bias C) — zeros when the layer has no bias."""
+        w = self.linear.weight.detach()
+        b = self.linear.bias.detach() if self.linear.bias is not None else torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)
+        return w, b
+
+
+@dataclass(eq=False)
+class PoolOp:
+    name: str
+    module: nn.Module
+    kind: str  # "max" or "avg"
+
+
+@dataclass(eq=False)
+class ReLUOp:
+    name: str
+
+
+@dataclass(eq=False)
+class FlattenOp:
+    name: str
+
+
+@dataclass(eq=False)
+class ResidualOp:
+    """``branch(x) + shortcut(x)``; an empty ``shortcut`` is the identity."""
+
+    name: str
+    branch: list = field(default_factory=list)
+    shortcut: list = field(default_factory=list)
+
+
+Op = ConvOp | LinearOp | PoolOp | ReLUOp | FlattenOp | ResidualOp
+
+
+def _leaves(module: nn.Module, prefix: str) -> list[tuple[str, nn.Module]]:
+    """(name, module) of every non-Sequential module, depth first, Sequentials flattened."""
+    if isinstance(module, nn.Sequential):
+        out = []
+        for name, child in module.named_children():
+            out += _leaves(child, f"{prefix}.{name}" if prefix else name)
+        return out
+    return [(prefix, module)]
+
+
+def _block_ops(name: str, block: nn.Module) -> list:
+    """A torchvision residual block as [ResidualOp, ReLUOp]."""
+    if isinstance(block, Bottleneck):
+        parts = ["conv1", "bn1", "relu", "conv2", "bn2", "relu", "conv3", "bn3"]
+    else:
+        parts = ["conv1", "bn1", "relu", "conv2", "bn2"]
+    relus = iter(range(1, 3))
+    branch = _compile([(f"{name}.{p}{next(relus)}" if p == "relu" else f"{name}.{p}", getattr(block, p)) for p in parts])
+    shortcut = _compile(_leaves(block.downsample, f"{name}.downsample")) if block.downsample is not None else []
+    return [ResidualOp(name, branch, shortcut), ReLUOp(f"{name}.relu_out")]
+
+
+def _compile(items: list[tuple[str, nn.Module]]) -> list:
+    ops: list = []
+    i = 0
+    while i < len(items):
+        name, m = items[i]
+        if isinstance(m, nn.Conv2d):
+            if m.groups != 1:
+                raise UnsupportedLayerError(f"layer {name!r}: grouped Conv2d (groups={m.groups}) is not supported")
+            bn = items[i + 1][1] if i + 1 < len(items) and isinstance(items[i + 1][1], nn.BatchNorm2d) else None
+            ops.append(ConvOp(name, m, bn))
+            i += 2 if bn is not None else 1
+            continue
+        if isinstance(m, (Bottleneck, BasicBlock)):
+            ops += _block_ops(name, m)
+        elif isinstance(m, nn.ReLU):
+            ops.append(ReLUOp(name))
+        elif isinstance(m, nn.MaxPool2d):
+            ops.append(PoolOp(name, m, "max"))
+        elif isinstance(m, (nn.AvgPool2d, nn.AdaptiveAvgPool2d)):
+            ops.append(PoolOp(name, m, "avg"))
+        elif isinstance(m, nn.Flatten):
+            ops.append(FlattenOp(name))
+        elif isinstance(m, nn.Linear):
+            ops.append(LinearOp(name, m))
+        elif not isinstance(m, (nn.Dropout, nn.Identity)):
+            raise UnsupportedLayerError(
+                f"layer {name!r} of type {type(m).__name__} is not supported by relevance propagation "
+                "(supported: Conv2d[+BatchNorm2d], Linear, ReLU, MaxPool2d, AvgPool2d, AdaptiveAvgPool2d, "
+                "Flatten, Dropout, torchvision Bottleneck/BasicBlock)"
+            )
+        i += 1
+    return ops
+
+
+def build_program(model: nn.Module) -> list:
+    """The propagation ops of an adapter (``backbone`` then ``head``), first conv flagged.
+
+    Raises :class:`UnsupportedLayerError` naming the first unsupported module.
+    """
+    ops = _compile(_leaves(model.backbone, "backbone") + [("head", model.head)])
+    if not isinstance(ops[-1], LinearOp):
+        raise UnsupportedLayerError("the model's head must be an nn.Linear")
+    ops[-1].head = True
+    first = ops[0]
+    if not isinstance(first, ConvOp):
+        raise UnsupportedLayerError(f"the first layer {first.name!r} must be a Conv2d (z^β input rule)")
+    first.first = True
+    return ops
+
+
+def gap_index(ops: list) -> int:
+    """Index of the last average-pooling op at top level (input = the map before global pooling)."""
+    idx = [i for i, op in enumerate(ops) if isinstance(op, PoolOp) and op.kind == "avg"]
+    if not idx:
+        raise UnsupportedLayerError("the model has no global average pooling layer")
+    return idx[-1]
+
+
+@dataclass
+class ConvCache:
+    """What a conv rule needs: input ``x`` and, in split mode, Z⁺ = conv(x, w⁺), |Z⁻| = −conv(x, w⁻)."""
+
+    x: torch.Tensor
+    zp: torch.Tensor | None = None
+    zn: torch.Tensor | None = None
+
+
+def run(ops: list, x: torch.Tensor, split: bool = False) -> tuple[torch.Tensor, list]:
+    """Forward through ``ops`` recording what the backward rules need.
+
+    ``split``: hidden convolutions compute Z⁺ and |Z⁻| (raw weights, no bias) in one convolution
+    with stacked weights [w⁺; w⁻] and form the pre-activation as Z⁺ − |Z⁻| (RAP's denominators).
+    Returns (output, cache list aligned with ``ops``).
+    """
+    cache: list = []
+    for op in ops:
+        if isinstance(op, ResidualOp):
+            ya, ca = run(op.branch, x, split)
+            yb, cb = run(op.shortcut, x, split) if op.shortcut else (x, [])
+            cache.append((ca, cb, ya, yb))
+            x = ya + yb
+        elif isinstance(op, ConvOp):
+            if split and not op.first:
+                w = op.weight
+                zz = op.conv2d(x, torch.cat([w.clamp(min=0), w.clamp(max=0)]))
+                zp, zn = zz[:, : w.shape[0]], -zz[:, w.shape[0] :]
+                cache.append(ConvCache(x, zp, zn))
+                x = op.post(zp - zn)
+            else:
+                cache.append(ConvCache(x))
+                x = op.post(op.conv2d(x, op.weight))
+        elif isinstance(op, LinearOp):
+            cache.append(x)
+            x = op.linear(x)
+        elif isinstance(op, PoolOp):
+            cache.append(x)
+            x = op.module(x)
+        elif isinstance(op, ReLUOp):
+            cache.append(None)
+            x = F.relu(x)
+        elif isinstance(op, FlattenOp):
+            cache.append(x.shape)
+            x = x.flatten(1)
+    return x, cache
