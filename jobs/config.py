@@ -133,6 +133,31 @@ class GraphConfig(Strict):
         return v
 
 
+class ExplainConfig(Strict):
+    """EXPLAIN: relevance maps for a selected sample and the localization benchmark."""
+
+    enabled: bool = False
+    methods: list[str] = Field(default_factory=lambda: ["rap", "ae", "lrp-eps", "lrp-a1b0", "gradient", "input-x-gradient", "integrated-gradients", "gradcam"])
+    #: images per selection reason: wrong, uncertain, risky_ood, random
+    counts: dict[Literal["wrong", "uncertain", "risky_ood", "random"], int] = Field(
+        default_factory=lambda: {"wrong": 6, "uncertain": 6, "risky_ood": 6, "random": 6}
+    )
+    seed: int = 0
+    #: run the localization benchmark (digits pasted on photo patches; embedded default only)
+    localization: bool = False
+    localization_images: int = Field(default=200, gt=0)
+
+    @field_validator("methods")
+    @classmethod
+    def _known(cls, v: list[str]) -> list[str]:
+        from oodlib.attribution import METHODS
+
+        unknown = [m for m in v if m not in METHODS]
+        if unknown:
+            raise ValueError(f"unknown method(s) {unknown}; known: {list(METHODS)}")
+        return v
+
+
 class MlflowConfig(Strict):
     #: None → sqlite:///{output}/mlflow.db (or $MLFLOW_TRACKING_URI when set)
     tracking_uri: str | None = None
@@ -147,6 +172,7 @@ class JobConfig(Strict):
     embed: EmbedConfig = Field(default_factory=EmbedConfig)
     detectors: list[DetectorConfig] = Field(default_factory=lambda: [DetectorConfig(name=n) for n in ("msp", "maxlogit", "energy")])
     graph: GraphConfig = Field(default_factory=GraphConfig)
+    explain: ExplainConfig = Field(default_factory=ExplainConfig)
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
     schedule: str = "manual"
 

@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import yaml
 
-from jobs import embed, evaluate, fit, graph, score, shards, storage, tracking
+from jobs import embed, evaluate, explain, fit, graph, score, shards, storage, tracking
 from jobs.extras import ExtraSpec
 from jobs.config import ConfigError, JobConfig, load_config
 from oodlib.data.digits import build_digits
@@ -164,6 +164,25 @@ def id_train_hash(selected: pa.Table, id_dataset: str) -> str:
     return id_rows_hash(selected.filter(mask))
 
 
+def run_explain_stage(
+    cfg: JobConfig, model: ModelAdapter, model_hash: str, selected: pa.Table, scores_key: str, score_dirs: list[Path], stages: StageLog,
+) -> list[Path]:
+    """EXPLAIN a selected sample (reused when scores, model and explain config are unchanged)."""
+    t0 = time.time()
+    key = storage.content_key("explain", explain.STAGE_VERSION, scores=scores_key, model=model_hash, explain=cfg.explain.model_dump())
+    target = storage.stage_dir(cfg.output, cfg.experiment, "explain", key)
+    reused = target.done
+    if not reused:
+        init_ray()
+        import ray
+
+        scores_df = storage.read_table(score_dirs).to_pandas()
+        num_gpus = embed.gpus_per_actor(cfg.embed.num_gpus_per_actor)
+        explain.run_explain(cfg, model, ray.put(embed.model_state_arrays(model)), selected, scores_df, target, num_gpus)
+    stages.record("explain", target, reused, time.time() - t0)
+    return sorted(target.path.glob("*.png")) + sorted(target.path.glob("*.md")) + sorted(target.path.glob("localization.parquet"))
+
+
 def run_graph_stage(cfg: JobConfig, model: ModelAdapter, features: dict[str, Path], stages: StageLog) -> pd.DataFrame:
     """GRAPH on the long-tailed set (reused when the features and the graph config are unchanged)."""
     t0 = time.time()
@@ -207,6 +226,7 @@ def run(cfg: JobConfig, schedule: str | None = None, config_path: str = "") -> d
         metrics_df, eval_dir = run_evaluate_stage(cfg, scores_key, score_dirs, stages)
         if cfg.graph.enabled:
             metrics_df = pd.concat([metrics_df, run_graph_stage(cfg, model, features, stages)], ignore_index=True)
+        explain_artifacts = run_explain_stage(cfg, model, model_hash, selected, scores_key, score_dirs, stages) if cfg.explain.enabled else []
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
@@ -218,7 +238,7 @@ def run(cfg: JobConfig, schedule: str | None = None, config_path: str = "") -> d
             "schedule": schedule or cfg.schedule, "git_sha": tracking.git_sha(), "model_hash": model_hash,
             "manifest_hash": manifest_hash, "config_hash": cfg.digest(), "oodlib_run_id": run_id, "model": cfg.model.name,
         }
-        mlflow_run_id = tracking.log_job(uri, cfg, tags, config_path, stages.counts["embed"], metrics_df, eval_dir, detectors)
+        mlflow_run_id = tracking.log_job(uri, cfg, tags, config_path, stages.counts["embed"], metrics_df, eval_dir, detectors, explain_artifacts)
 
     summary = {
         "run_id": run_id, "experiment": cfg.experiment, "config": config_path, "config_hash": cfg.digest(),

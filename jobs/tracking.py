@@ -63,7 +63,8 @@ def log_child(
 
 
 def log_job(
-    uri: str, cfg, tags: dict[str, str], config_path: str, counts: dict, metrics: pd.DataFrame, eval_dir, detectors: dict
+    uri: str, cfg, tags: dict[str, str], config_path: str, counts: dict, metrics: pd.DataFrame, eval_dir, detectors: dict,
+    explain_artifacts: list[Path] = (),
 ) -> str:
     """The parent run of one job (params, accuracy and count metrics, tables) and one child per
     detector. Returns the parent run id."""
@@ -83,4 +84,11 @@ def log_job(
         lt = metrics[metrics.task == "ood-lt"]
         for method, rows in lt.groupby("method", sort=False):
             log_child(f"lt/{method}", tags, {"variant": method, **cfg.graph.model_dump(exclude={"ablations", "enabled"})}, rows, [])
+        if explain_artifacts:
+            loc = [p for p in explain_artifacts if p.name == "localization.parquet"]
+            rows = pd.DataFrame(columns=["dataset", "metric", "value"])
+            if loc:
+                table = pd.read_parquet(loc[0]).melt(id_vars="method", var_name="metric", value_name="value")
+                rows = table.rename(columns={"method": "dataset"}).assign(dataset=lambda d: d.dataset.str.replace("[", "_").str.replace("]", "").str.replace("+", "_"))
+            log_child("explain", tags, cfg.explain.model_dump(), rows, list(explain_artifacts))
         return parent.info.run_id
