@@ -38,13 +38,14 @@ def synthetic_manifest(n: int, seed: int = 0) -> pa.Table:
         buf = io.BytesIO()
         img.save(buf, format="JPEG", quality=90)
         images.append(buf.getvalue())
-    return pa.Table.from_pydict(
+    table = pa.Table.from_pydict(
         {
             "image_id": [f"bench/{i:06d}" for i in range(n)], "dataset": ["bench"] * n, "split": ["test"] * n,
             "label": [0] * n, "subset": [""] * n, "path": [None] * n, "image": images,
         },
         schema=MANIFEST_SCHEMA,
     )
+    return table.append_column("shard", pa.array(np.zeros(n, np.int32)))  # one shard
 
 
 def bare_loop(model, manifest: pa.Table, batch_size: int) -> float:
@@ -94,7 +95,7 @@ def main() -> None:
         via_ray.append(ray_path(spec, manifest, args.batch_size, threads))
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
-        embed.run_embed(manifest, spec, storage.StageDir(Path(tmp), "bench"), args.batch_size, 1, 0.0, threads)
+        embed.run_embed(manifest, {0: storage.StageDir(Path(tmp), "bench")}, spec, args.batch_size, 1, 0.0, threads, Path(tmp) / "scratch")
         stage = time.perf_counter() - start
     ray.shutdown()
 

@@ -142,8 +142,11 @@ def compare_runs(tidy: pd.DataFrame, threshold: float, per_set: bool = False) ->
     if not per_set:
         df = df[df["set"] == "avg"]
     df = df.sort_values(["method", "set", "metric", "order"]).copy()
-    # within a group, rows are newest → oldest: the previous run is the next row
-    df["prev"] = df.groupby(["method", "set", "metric"])["value"].shift(-1)
+    # within a group, rows are newest → oldest: the previous run is the next row, when it is the
+    # run right before (a detector missing from the previous run has no delta, not one vs an older run)
+    groups = df.groupby(["method", "set", "metric"])
+    adjacent = groups["order"].shift(-1) == df["order"] + 1
+    df["prev"] = groups["value"].shift(-1).where(adjacent)
     df["delta"] = df["value"] - df["prev"]
     worse = -df["delta"] * df["metric"].map(DIRECTION)  # > 0 means worse
     df["regression"] = (worse > threshold).fillna(False).astype(bool)
@@ -190,6 +193,9 @@ def render_table(compared: pd.DataFrame, last: int, threshold: float) -> str:
                     f"{_fmt(val['auroc']):>7} {_fmt(dlt['auroc'], True):>8}  {flag}".rstrip()
                 )
         lines.append("")
+    missing = sorted(set(shown.loc[shown["order"] == 1, "method"]) - set(shown.loc[shown["order"] == 0, "method"]))
+    if missing:
+        lines.append(f"not in the newest run (in the previous one): {', '.join(missing)}")
     regs = newest_regressions(compared)
     if regs.empty:
         lines.append(f"no regressions of the newest run vs the previous one (threshold {threshold})")

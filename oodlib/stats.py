@@ -57,3 +57,104 @@ class ClassMoments:
             raise ValueError("tied covariance needs second moments (second=True)")
         n = self.counts.sum()
         return (self.outer - self.sums.T @ (self.sums / np.maximum(self.counts, 1)[:, None])) / n
+
+
+#: Bits of the order-preserving float32 key kept per histogram bin (see :class:`ActivationSketch`).
+SKETCH_BITS = 20
+
+
+def _order_keys(values: np.ndarray) -> np.ndarray:
+    """Map float32 values to uint32 keys with the same order (negative floats flipped)."""
+    u = np.ascontiguousarray(values, np.float32).reshape(-1).view(np.uint32)
+    return np.where(u >> 31, ~u, u | np.uint32(0x80000000))
+
+
+def _keys_to_values(keys: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`_order_keys` (uint32 keys → float64 values)."""
+    keys = np.asarray(keys, np.uint32)
+    u = np.where(keys >> 31, keys & np.uint32(0x7FFFFFFF), ~keys)
+    return u.astype(np.uint32).view(np.float32).astype(np.float64)
+
+
+@dataclass
+class ActivationSketch:
+    """Mergeable histogram of activation values for percentiles over huge sets (ReAct's c).
+
+    Values are binned by the top ``bits`` bits of an order-preserving float32 key (sign,
+    8 exponent bits, ``bits − 9`` mantissa bits), so every bin spans a relative width of at most
+    2^-(bits−9) (4.9e-4 for the default 20 bits). Only non-empty bins are stored: ``bins``
+    (uint32, sorted) and ``counts`` (int64). :meth:`percentile` follows ``np.percentile``'s
+    linear rule, with each order statistic placed uniformly inside its bin, so
+    |sketch − exact| ≤ bin width ≤ 2^-(bits−9)·|value| (zeros from ReLU are off by < 1e-37).
+    """
+
+    bins: np.ndarray
+    counts: np.ndarray
+    bits: int = SKETCH_BITS
+
+    @classmethod
+    def from_values(cls, values: np.ndarray, bits: int = SKETCH_BITS) -> "ActivationSketch":
+        """Sketch of every entry of ``values`` (any shape; NaNs are an error)."""
+        values = np.asarray(values, np.float32)
+        if np.isnan(values).any():
+            raise ValueError("activations contain NaN")
+        bins, counts = np.unique(_order_keys(values) >> np.uint32(32 - bits), return_counts=True)
+        return cls(bins.astype(np.uint32), counts.astype(np.int64), bits)
+
+    def merge(self, other: "ActivationSketch") -> "ActivationSketch":
+        """Sum of two sketches (associative and commutative)."""
+        if self.bits != other.bits:
+            raise ValueError(f"cannot merge sketches with {self.bits} and {other.bits} bits")
+        bins, inverse = np.unique(np.concatenate([self.bins, other.bins]), return_inverse=True)
+        counts = np.bincount(inverse, weights=np.concatenate([self.counts, other.counts]), minlength=len(bins))
+        return ActivationSketch(bins.astype(np.uint32), counts.astype(np.int64), self.bits)
+
+    @property
+    def total(self) -> int:
+        return int(self.counts.sum())
+
+    def _order_statistic(self, index: np.ndarray) -> np.ndarray:
+        """Approximate sorted values at 0-based ``index`` (uniform placement inside each bin)."""
+        cum = np.cumsum(self.counts)
+        b = np.searchsorted(cum, index, side="right")
+        within = index - (cum[b] - self.counts[b])
+        shift = np.uint32(32 - self.bits)
+        lo = _keys_to_values(self.bins[b] << shift)
+        hi = _keys_to_values((self.bins[b] << shift) | np.uint32((1 << (32 - self.bits)) - 1))
+        return lo + (within + 0.5) / self.counts[b] * (hi - lo)
+
+    def percentile(self, q: float) -> float:
+        """Approximate ``np.percentile(values, q)`` (linear interpolation), q in [0, 100]."""
+        n = self.total
+        if n == 0:
+            raise ValueError("empty sketch")
+        pos = q / 100.0 * (n - 1)
+        lo = int(np.floor(pos))
+        vals = self._order_statistic(np.array([lo, min(lo + 1, n - 1)]))
+        return float(vals[0] + (pos - lo) * (vals[1] - vals[0]))
+
+
+@dataclass
+class FitStats:
+    """Everything FIT reduces from ID-train features, as mergeable partials.
+
+    ``moments``: class counts/sums (and Σhhᵀ when ``second``); ``activations``: a sketch of all
+    entries of h (ReAct's percentile), or None when no detector needs it.
+    """
+
+    moments: ClassMoments
+    activations: ActivationSketch | None = None
+
+    @classmethod
+    def from_batch(
+        cls, h: np.ndarray, y: np.ndarray, num_classes: int, second: bool = False, activations: bool = False
+    ) -> "FitStats":
+        """Partial statistics of one batch of features h (N×D) with labels y (N,)."""
+        sketch = ActivationSketch.from_values(h) if activations else None
+        return cls(ClassMoments.from_batch(h, y, num_classes, second=second), sketch)
+
+    def merge(self, other: "FitStats") -> "FitStats":
+        if (self.activations is None) != (other.activations is None):
+            raise ValueError("cannot merge partials with and without activation sketches")
+        sketch = None if self.activations is None else self.activations.merge(other.activations)
+        return FitStats(self.moments.merge(other.moments), sketch)

@@ -3,6 +3,12 @@
 A detector is fitted on ID-train features and the model's linear head, then scores a batch of
 stored features/logits. Scores are ID-confidence: **higher = more in-distribution**.
 Fitted state is a dict of NumPy arrays (saved as npz, never pickled).
+
+Two ways to fit: ``fit(features, labels, head)`` on all rows in memory (library use), or
+``fit_stats(stats, head)`` from merged per-batch partials (:class:`oodlib.stats.FitStats`, what
+the distributed FIT stage does). ``fit_needs`` says which partials a detector reads:
+``"moments"`` (class counts/sums), ``"second"`` (Σhhᵀ), ``"activations"`` (value sketch) or
+``"bank"`` (the features themselves: only ``fit`` works).
 """
 from __future__ import annotations
 
@@ -10,6 +16,8 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
+
+from oodlib.stats import FitStats
 
 
 @dataclass(frozen=True)
@@ -42,9 +50,24 @@ class Detector:
 
     name: ClassVar[str]
     requires: ClassVar[tuple[str, ...]] = ("logits",)
+    fit_needs: ClassVar[tuple[str, ...]] = ()
 
     def fit(self, features: np.ndarray, labels: np.ndarray, head: Head) -> "Detector":
-        """Fit on ID-train features h (N×D) and true labels (N,). Returns self."""
+        """Fit on ID-train features h (N×D) and true labels (N,). Returns self.
+
+        The default reduces all rows to :class:`FitStats` and calls :meth:`fit_stats`, so both
+        paths give the same state.
+        """
+        if not self.fit_needs:
+            return self
+        stats = FitStats.from_batch(
+            features, labels, head.W.shape[0], second="second" in self.fit_needs,
+            activations="activations" in self.fit_needs,
+        )
+        return self.fit_stats(stats, head)
+
+    def fit_stats(self, stats: FitStats, head: Head) -> "Detector":
+        """Fit from merged ID-train partials (see ``fit_needs``). Returns self."""
         return self
 
     def score(self, inputs: ScoreInputs) -> np.ndarray:

@@ -1,0 +1,120 @@
+"""The ``oodlib`` command: run a job, report its last run, compare runs in MLflow.
+
+    oodlib run --config configs/digits.yaml [--set KEY=VALUE ...] [--schedule nightly]
+    oodlib report --output outputs --experiment digits
+    oodlib compare --experiment digits [--last 5] [--per-set] [--fail-on-regression] ...
+
+Heavy imports (torch, Ray) happen only in ``run``; ``report`` and ``compare`` stay light.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from pathlib import Path
+
+from jobs import compare
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    nightly = importlib.import_module("jobs.nightly")  # torch/Ray: only for `run`
+
+    argv = ["--config", args.config]
+    for item in args.set:
+        argv += ["--set", item]
+    if args.schedule is not None:
+        argv += ["--schedule", args.schedule]
+    return nightly.main(argv)
+
+
+def _resolve_stage_path(stage: str, output: Path, experiment: str) -> Path:
+    """A stage path from last_run.json: as written (relative to the job's cwd), else relative to the
+    parent of ``--output``, else re-rooted under ``{output}/{experiment}``."""
+    p = Path(stage)
+    candidates = [p]
+    if not p.is_absolute():
+        candidates.append(output.parent / p)
+        if experiment in p.parts:
+            candidates.append(output / Path(*p.parts[p.parts.index(experiment) :]))
+    return next((c for c in candidates if c.exists()), p)
+
+
+def format_summary(summary: dict) -> str:
+    """The last_run.json fields a person wants, one per line."""
+    lines = [
+        f"experiment:    {summary.get('experiment')}",
+        f"run id:        {summary.get('run_id')}",
+        f"config:        {summary.get('config')} (hash {summary.get('config_hash')})",
+        f"model hash:    {summary.get('model_hash')}",
+        f"manifest:      {summary.get('manifest')} (hash {summary.get('manifest_hash')})",
+        f"MLflow run:    {summary.get('mlflow_run_id')} in {summary.get('tracking_uri')}",
+        f"total:         {summary.get('total_seconds')} s",
+        "stages:",
+    ]
+    reused, seconds, stages = summary.get("reused", {}), summary.get("seconds", {}), summary.get("stages", {})
+    width = max([len(s) for s in stages] + [8])
+    for stage, path in stages.items():
+        how = "reused" if reused.get(stage) else "computed"
+        lines.append(f"  {stage:<{width}} {how:<8} {seconds.get(stage, '?')!s:>7} s  {path}")
+    counts = summary.get("counts", {}).get("embed")
+    if counts:
+        lines.append(
+            f"images:        {counts.get('input')} in, {counts.get('features')} embedded, {counts.get('quarantined')} quarantined"
+        )
+    return "\n".join(lines)
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    path = args.output / args.experiment / "last_run.json"
+    if not path.exists():
+        print(f"error: no {path} (has a job with experiment {args.experiment!r} and output {args.output} run?)", file=sys.stderr)
+        return 2
+    try:
+        summary = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        print(f"error: {path}: not valid JSON ({exc})", file=sys.stderr)
+        return 2
+    print(f"# last run: {path}\n")
+    print(format_summary(summary))
+    evaluate = summary.get("stages", {}).get("evaluate")
+    if not evaluate:
+        print("error: last_run.json has no stages.evaluate path", file=sys.stderr)
+        return 1
+    results = _resolve_stage_path(evaluate, args.output, args.experiment) / "results.md"
+    if not results.exists():
+        print(f"error: {results} not found (evaluate stage output removed?)", file=sys.stderr)
+        return 1
+    print(f"\n# results: {results}\n")
+    print(results.read_text().rstrip())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="oodlib", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{run,report,compare}")
+
+    p_run = sub.add_parser("run", help="run the job (python -m jobs.nightly)")
+    p_run.add_argument("--config", required=True, help="job config YAML (e.g. configs/digits.yaml)")
+    p_run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    p_run.add_argument("--schedule", default=None, help="tag for the MLflow runs (manual, nightly, …)")
+    p_run.set_defaults(func=_cmd_run)
+
+    p_report = sub.add_parser("report", help="print last_run.json and the results table of the last run")
+    p_report.add_argument("--output", type=Path, default=Path("outputs"), help="the config's output directory (default outputs)")
+    p_report.add_argument("--experiment", required=True, help="the config's experiment")
+    p_report.set_defaults(func=_cmd_report)
+
+    p_compare = sub.add_parser("compare", help="compare the last N runs of an experiment in MLflow")
+    compare.add_arguments(p_compare)
+    p_compare.set_defaults(func=compare.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

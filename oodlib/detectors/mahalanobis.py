@@ -1,0 +1,50 @@
+"""Mahalanobis distance to the closest class mean with a tied covariance (Lee et al. 2018)."""
+from __future__ import annotations
+
+import numpy as np
+
+from oodlib.detectors.base import Detector, Head, ScoreInputs
+from oodlib.stats import FitStats
+
+
+def min_mahalanobis(h: np.ndarray, means: np.ndarray, precision: np.ndarray) -> np.ndarray:
+    """minₖ (h−μₖ)ᵀ P (h−μₖ) per row: h (N×D), means (C×D), P (D×D) → float64 (N,).
+
+    Expanded as hᵀPh − 2 hᵀPμₖ + μₖᵀPμₖ (one N×D×D and one N×D×C matmul, in float64).
+    """
+    h = np.asarray(h, np.float64)
+    hp = h @ precision
+    mp = means @ precision
+    d = np.einsum("nd,nd->n", hp, h)[:, None] - 2.0 * hp @ means.T + np.einsum("cd,cd->c", mp, means)[None, :]
+    return d.min(axis=1)
+
+
+class Mahalanobis(Detector):
+    """Score = −minₖ (h−μₖ)ᵀ Σ⁻¹ (h−μₖ) on penultimate features; Σ = tied covariance (1/N).
+
+    Σ⁻¹ is the pseudo-inverse (``np.linalg.pinv``, hermitian), so rank-deficient features work.
+    """
+
+    name = "mahalanobis"
+    requires = ("features",)
+    fit_needs = ("moments", "second")
+
+    def __init__(self) -> None:
+        self.means: np.ndarray | None = None
+        self.precision: np.ndarray | None = None
+
+    def fit_stats(self, stats: FitStats, head: Head) -> "Mahalanobis":
+        self.means = stats.moments.means
+        self.precision = np.linalg.pinv(stats.moments.tied_covariance(), hermitian=True)
+        return self
+
+    def score(self, inputs: ScoreInputs) -> np.ndarray:
+        return (-min_mahalanobis(inputs.features, self.means, self.precision)).astype(np.float32)
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        return {"means": self.means, "precision": self.precision}
+
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> "Mahalanobis":
+        self.means = np.asarray(state["means"], np.float64)
+        self.precision = np.asarray(state["precision"], np.float64)
+        return self
