@@ -191,6 +191,8 @@ class JobConfig(Strict):
     @model_validator(mode="after")
     def _unique_detectors(self) -> "JobConfig":
         keys = [d.key for d in self.detectors]
+        if sum(d.name == "odin" for d in self.detectors) > 1:
+            raise ValueError("detectors: ODIN is computed in EMBED into one `odin` column; configure it once")
         if len(set(keys)) != len(keys):
             raise ValueError(f"detectors: duplicate columns in {keys} (give settings distinct 'column' names)")
         return self

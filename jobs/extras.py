@@ -45,7 +45,23 @@ class GaussianizedFeatures(Extra):
         return {"gfeatures": self.gmodel.features(x).float().cpu().numpy()}
 
 
-EXTRAS: dict[str, type[Extra]] = {"gfeatures": GaussianizedFeatures}
+class OdinScore(Extra):
+    """``odin``: ODIN's temperature-scaled, input-perturbed MSP (needs input gradients, so it is
+    computed here while the image is in memory rather than from stored features)."""
+
+    columns = {"odin": None}
+
+    def __init__(self, model: ModelAdapter, params: dict, state, device: torch.device) -> None:
+        self.temperature = float(params.get("temperature", 1000.0))
+        self.epsilon = float(params.get("epsilon", 0.0014))
+
+    def __call__(self, model, x, h, logits):
+        from oodlib.detectors import odin_score
+
+        return {"odin": odin_score(model, x, self.temperature, self.epsilon)}
+
+
+EXTRAS: dict[str, type[Extra]] = {"gfeatures": GaussianizedFeatures, "odin": OdinScore}
 
 
 def build_extras(specs: tuple[ExtraSpec, ...], model: ModelAdapter, device: torch.device) -> list[Extra]:

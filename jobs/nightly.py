@@ -255,6 +255,10 @@ def run(cfg: JobConfig, schedule: str | None = None, config_path: str = "") -> d
 def embed_extras(cfg: JobConfig, selected: pa.Table, model: ModelAdapter, model_hash: str, stages: StageLog) -> tuple[list, dict]:
     """The per-image extras EMBED computes (with their fitted state) and what keys them."""
     extras, keys = [], {}
+    for d in cfg.detectors:
+        if d.name == "odin":
+            extras.append(("odin", dict(d.params), None))
+            keys["odin"] = dict(d.params)
     if cfg.graph.enabled:
         t0 = time.time()
         lt = graph.lt_train_rows(selected, cfg.graph.train_dataset)
@@ -284,7 +288,7 @@ def run_embed_stage(
         init_ray()
         import ray
 
-        specs = tuple(ExtraSpec(name, params, ray.put(state)) for name, params, state in extras)
+        specs = tuple(ExtraSpec(name, params, None if state is None else ray.put(state)) for name, params, state in extras)
         spec = embed.ModelSpec(cfg.model.name, model.num_classes, ray.put(embed.model_state_arrays(model)), cfg.model.device, specs)
         rows = selected.filter(pc.is_in(selected.column("shard"), pa.array(sorted(todo), pa.int32())))
         embed.run_embed(
@@ -320,16 +324,15 @@ def run_fit_stage(
     train_filter = (pc.field("dataset") == cfg.data.id_dataset) & (pc.field("split") == "train")
     if not reused:
         init_ray()
-        second = any(getattr(d, "needs_second_moments", False) for d in detectors.values())
-        moments = fit.train_moments(dirs, cfg.data.id_dataset, model.num_classes, model.feature_dim, second)
+        stats = fit.train_stats(dirs, cfg.data.id_dataset, model.num_classes, model.feature_dim, fit.needs(detectors))
 
         def load_train() -> tuple[np.ndarray, np.ndarray]:
             table = storage.read_table(dirs, ["features", "label"], filter=train_filter)
             return storage.vector_to_numpy(table.column("features")), table.column("label").to_numpy()
 
-        fit.fit_detectors(detectors, moments, head, load_train)
+        fit.fit_detectors(detectors, stats, head, load_train)
         with target.writing() as tmp:
-            fit.save_fitted(tmp, head, moments, detectors)
+            fit.save_fitted(tmp, head, stats, detectors)
     else:
         fit.load_fitted_detectors(target, detectors)
     stages.record("fit", target, reused, time.time() - t0)
