@@ -198,8 +198,12 @@ def run_graph_stage(cfg: JobConfig, model: ModelAdapter, features: dict[str, Pat
     return pq.read_table(target.path / "metrics.parquet").to_pandas()
 
 
-def run(cfg: JobConfig, schedule: str | None = None, config_path: str = "") -> dict:
-    """Run every stage for ``cfg``; returns the summary written to ``last_run.json``."""
+def run(cfg: JobConfig, schedule: str | None = None, config_path: str = "", embed_cfg: JobConfig | None = None, post_stages: bool = True) -> dict:
+    """Run every stage for ``cfg``; returns the summary written to ``last_run.json``.
+
+    ``embed_cfg``: the config whose EMBED extras apply (a sweep passes its base config, so the
+    stored features are reused); ``post_stages=False`` skips GRAPH and EXPLAIN.
+    """
     started = time.time()
     stages = StageLog()
     exp_root = Path(cfg.output) / cfg.experiment
@@ -216,7 +220,7 @@ def run(cfg: JobConfig, schedule: str | None = None, config_path: str = "") -> d
     quarantine = commit_manifest_quarantine(cfg, manifest_hash, rejected)
     scratch = exp_root / ".scratch" / uuid.uuid4().hex[:8]
     try:
-        extras, extras_key = embed_extras(cfg, selected, model, model_hash, stages)
+        extras, extras_key = embed_extras(embed_cfg or cfg, selected, model, model_hash, stages)
         features = run_embed_stage(cfg, selected, model, model_hash, extras, extras_key, scratch, stages)
         stages.counts["embed"]["input"] += rejected.num_rows
         stages.counts["embed"]["quarantined"] += rejected.num_rows
@@ -224,9 +228,11 @@ def run(cfg: JobConfig, schedule: str | None = None, config_path: str = "") -> d
         fit_key = run_fit_stage(cfg, selected, model, model_hash, head, detectors, features, stages)
         score_dirs, scores_key = run_score_stage(cfg, fit_key, features, detectors, scratch, stages)
         metrics_df, eval_dir = run_evaluate_stage(cfg, scores_key, score_dirs, stages)
-        if cfg.graph.enabled:
+        explain_artifacts = []
+        if post_stages and cfg.graph.enabled:
             metrics_df = pd.concat([metrics_df, run_graph_stage(cfg, model, features, stages)], ignore_index=True)
-        explain_artifacts = run_explain_stage(cfg, model, model_hash, selected, scores_key, score_dirs, stages) if cfg.explain.enabled else []
+        if post_stages and cfg.explain.enabled:
+            explain_artifacts = run_explain_stage(cfg, model, model_hash, selected, scores_key, score_dirs, stages)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
