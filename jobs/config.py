@@ -25,11 +25,34 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class DataConfig(Strict):
-    """Which images: the embedded ``digits`` benchmark or a user manifest."""
+class ImageSetConfig(Strict):
+    """One image set on disk, turned into manifest rows: an ImageFolder tree (``root/<class>/…``),
+    a flat folder of OOD images, a list file (``<relative path> <label>`` lines, e.g. ImageNet
+    ``val.txt``), or CIFAR's binary batches (``data_batch_*.bin`` / ``test_batch.bin``: raw
+    bytes, no pickle)."""
 
-    source: Literal["digits", "manifest"] = "digits"
+    dataset: str
+    split: Literal["train", "val", "test"]
+    kind: Literal["imagefolder", "list", "cifar10-binary", "cifar100-binary"] = "imagefolder"
+    root: Path
+    list_file: Path | None = None
+    ood: bool = False
+
+    @model_validator(mode="after")
+    def _paths_exist(self) -> "ImageSetConfig":
+        if not self.root.exists():
+            raise ValueError(f"root {self.root} does not exist (dataset {self.dataset!r})")
+        if self.kind == "list" and (self.list_file is None or not self.list_file.is_file()):
+            raise ValueError(f"list_file {self.list_file} does not exist (dataset {self.dataset!r})")
+        return self
+
+
+class DataConfig(Strict):
+    """Which images: the embedded ``digits`` benchmark, a user manifest, or image sets on disk."""
+
+    source: Literal["digits", "manifest", "folders"] = "digits"
     manifest: Path | None = None
+    sets: list[ImageSetConfig] = Field(default_factory=list)
     seed: int = 0
     id_dataset: str = "digits"
     ood_datasets: list[str] = Field(default_factory=lambda: ["digits-near", "photo-patches", "noise"])
@@ -45,6 +68,8 @@ class DataConfig(Strict):
                 raise ValueError("data.manifest is required when data.source is 'manifest'")
             if not self.manifest.exists():
                 raise ValueError(f"data.manifest: file {self.manifest} does not exist")
+        if self.source == "folders" and not self.sets:
+            raise ValueError("data.sets must list the image sets when data.source is 'folders'")
         if not self.ood_datasets:
             raise ValueError("data.ood_datasets must name at least one OOD dataset")
         return self

@@ -29,7 +29,10 @@ from jobs import embed, evaluate, explain, fit, graph, score, shards, storage, t
 from jobs.extras import ExtraSpec
 from jobs.config import ConfigError, JobConfig, load_config
 from oodlib.data.digits import build_digits
-from oodlib.data.manifest import ManifestError, manifest_from_image_sets, read_manifest, row_problems
+from oodlib.data.manifest import (
+    ManifestError, manifest_from_cifar_binary, manifest_from_image_folder, manifest_from_image_sets, manifest_from_list_file,
+    read_manifest, row_problems,
+)
 from oodlib.detectors import Detector, Head, make_detector
 from oodlib.models import ModelAdapter, WeightsError, load_model
 
@@ -62,6 +65,8 @@ def prepare_manifest(cfg: JobConfig) -> tuple[pa.Table, str, Path]:
     if cfg.data.source == "manifest":
         path = Path(cfg.data.manifest)
         return read_manifest(path, strict=False), storage.file_hash(path), path
+    if cfg.data.source == "folders":
+        return folders_manifest(cfg)
     key = storage.content_key("manifest", MANIFEST_VERSION, source="digits", seed=cfg.data.seed)
     target = storage.stage_dir(cfg.output, cfg.experiment, "manifest", key)
     if not target.done:
@@ -69,6 +74,30 @@ def prepare_manifest(cfg: JobConfig) -> tuple[pa.Table, str, Path]:
             storage.write_table(manifest_from_image_sets(build_digits(cfg.data.seed)), tmp, "manifest.parquet")
     path = target.path / "manifest.parquet"
     return read_manifest(path), key, path
+
+
+def folders_manifest(cfg: JobConfig) -> tuple[pa.Table, str, Path]:
+    """Manifest of the configured image sets on disk, committed under a key of their listing
+    (paths, sizes and mtimes), so a changed folder gives a new manifest and only its shards re-embed."""
+    tables = []
+    for s in cfg.data.sets:
+        if s.kind == "imagefolder":
+            tables.append(manifest_from_image_folder(s.root, s.dataset, s.split, ood=s.ood))
+        elif s.kind == "list":
+            tables.append(manifest_from_list_file(s.list_file, s.root, s.dataset, s.split))
+        else:
+            # CIFAR-10: data_batch_1..5.bin / test_batch.bin; CIFAR-100: train.bin / test.bin
+            patterns = ("test_batch.bin", "test.bin") if s.split == "test" else ("data_batch_*.bin", "train.bin")
+            files = [f for p in patterns for f in sorted(Path(s.root).glob(p))]
+            tables.append(manifest_from_cifar_binary(files, s.dataset, s.split, 100 if s.kind == "cifar100-binary" else 10, s.ood))
+    table = pa.concat_tables(tables)
+    listing = shards.shard_hashes(table, np.zeros(table.num_rows, np.int32))[0]
+    key = storage.content_key("manifest", MANIFEST_VERSION, source="folders", listing=listing)
+    target = storage.stage_dir(cfg.output, cfg.experiment, "manifest", key)
+    if not target.done:
+        with target.writing() as tmp:
+            storage.write_table(table, tmp, "manifest.parquet")
+    return table, key, target.path / "manifest.parquet"
 
 
 def select_rows(manifest: pa.Table, cfg: JobConfig, num_classes: int) -> tuple[pa.Table, pa.Table]:

@@ -144,6 +144,34 @@ def _path_table(rows: list[tuple[Path, int]], root: Path, dataset: str, split: s
     )
 
 
+CIFAR_RECORD = {10: (1, 3072), 100: (2, 3072)}  # label bytes, pixel bytes per record
+
+
+def manifest_from_cifar_binary(files: list[str | Path], dataset: str, split: str, num_classes: int = 10, ood: bool = False) -> pa.Table:
+    """Manifest with PNG bytes from CIFAR's binary format (``data_batch_1.bin`` …, no pickle).
+
+    CIFAR-10 records are 1 label byte + 3072 pixel bytes (R, G, B planes of 32×32); CIFAR-100
+    records have a coarse and a fine label byte (the fine label is used). Ids are
+    ``dataset/split/<file stem>-<record index>``.
+    """
+    if num_classes not in CIFAR_RECORD:
+        raise ManifestError(f"CIFAR binary: num_classes must be 10 or 100, got {num_classes}")
+    n_label, n_pixels = CIFAR_RECORD[num_classes]
+    sets = []
+    for f in map(Path, files):
+        if not f.is_file():
+            raise ManifestError(f"CIFAR binary file {f} does not exist")
+        raw = np.frombuffer(f.read_bytes(), np.uint8)
+        if raw.size % (n_label + n_pixels):
+            raise ManifestError(f"{f}: size {raw.size} is not a multiple of the CIFAR-{num_classes} record size")
+        records = raw.reshape(-1, n_label + n_pixels)
+        labels = np.full(len(records), -1) if ood else records[:, n_label - 1].astype(int)
+        images = records[:, n_label:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+        ids = [f"{dataset}/{split}/{f.stem}-{i:05d}" for i in range(len(records))]
+        sets.append(ImageSet(dataset, split, images, labels, ids))
+    return manifest_from_image_sets(sets)
+
+
 def concat_manifests(tables: Iterable[pa.Table]) -> pa.Table:
     """Concatenate manifests and validate the result."""
     table = pa.concat_tables([conform(t) for t in tables])

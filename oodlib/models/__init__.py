@@ -6,7 +6,7 @@ from pathlib import Path
 from oodlib.models.base import ModelAdapter, Preprocess
 from oodlib.models.torchvision_models import TORCHVISION_MODELS, WeightsError, build_torchvision, load_state_dict_file
 
-MODELS = ("digits-cnn", *TORCHVISION_MODELS)
+MODELS = ("digits-cnn", "densenet-bc-100", *TORCHVISION_MODELS)
 
 
 def load_model(
@@ -29,6 +29,10 @@ def load_model(
         model = build_digits_cnn()
         model.load_state_dict(load_state_dict_file(weights))
         return model.eval()
+    if name == "densenet-bc-100":
+        from oodlib.models.densenet_bc import build_densenet_bc100
+
+        return build_densenet_bc100(num_classes, weights)
     if name in TORCHVISION_MODELS:
         return build_torchvision(name, weights, num_classes, preprocess)
     raise KeyError(f"unknown model {name!r}; known: {MODELS}")
@@ -40,6 +44,10 @@ def build_model(name: str, num_classes: int = 1000, preprocess: Preprocess | Non
         from oodlib.models.digits_cnn import build_digits_cnn
 
         return build_digits_cnn().eval()
+    if name == "densenet-bc-100":
+        from oodlib.models.densenet_bc import build_densenet_bc100
+
+        return build_densenet_bc100(num_classes).eval()
     if name in TORCHVISION_MODELS:
         return build_torchvision(name, None, num_classes, preprocess)
     raise KeyError(f"unknown model {name!r}; known: {MODELS}")
