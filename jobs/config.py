@@ -33,10 +33,15 @@ class ImageSetConfig(Strict):
 
     dataset: str
     split: Literal["train", "val", "test"]
-    kind: Literal["imagefolder", "list", "cifar10-binary", "cifar100-binary"] = "imagefolder"
+    kind: Literal["imagefolder", "list", "cifar10-binary", "cifar100-binary", "npy"] = "imagefolder"
+    #: a folder; for ``npy`` a ``.npy`` file of N×H×W×3 uint8 images (e.g. TinyImages-300K)
     root: Path
     list_file: Path | None = None
     ood: bool = False
+    #: make a long-tailed train set (first n_k images per class, n_k = n_max·ρ^(−k/(C−1))) and a
+    #: balanced ``val`` split from the remainder (``val_per_class`` images per class)
+    imbalance_ratio: float | None = Field(default=None, gt=1)
+    val_per_class: int | None = Field(default=None, ge=0)
 
     @model_validator(mode="after")
     def _paths_exist(self) -> "ImageSetConfig":

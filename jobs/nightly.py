@@ -31,8 +31,10 @@ from jobs.config import ConfigError, JobConfig, load_config
 from oodlib.data.digits import build_digits
 from oodlib.data.manifest import (
     ManifestError, manifest_from_cifar_binary, manifest_from_image_folder, manifest_from_image_sets, manifest_from_list_file,
+    manifest_from_npy,
     read_manifest, row_problems,
 )
+from oodlib.data.longtail import long_tail_split
 from oodlib.detectors import Detector, Head, make_detector
 from oodlib.models import ModelAdapter, WeightsError, load_model
 
@@ -82,14 +84,17 @@ def folders_manifest(cfg: JobConfig) -> tuple[pa.Table, str, Path]:
     tables = []
     for s in cfg.data.sets:
         if s.kind == "imagefolder":
-            tables.append(manifest_from_image_folder(s.root, s.dataset, s.split, ood=s.ood))
+            t = manifest_from_image_folder(s.root, s.dataset, s.split, ood=s.ood)
         elif s.kind == "list":
-            tables.append(manifest_from_list_file(s.list_file, s.root, s.dataset, s.split))
+            t = manifest_from_list_file(s.list_file, s.root, s.dataset, s.split)
+        elif s.kind == "npy":
+            t = manifest_from_npy(s.root, s.dataset, s.split)
         else:
             # CIFAR-10: data_batch_1..5.bin / test_batch.bin; CIFAR-100: train.bin / test.bin
             patterns = ("test_batch.bin", "test.bin") if s.split == "test" else ("data_batch_*.bin", "train.bin")
             files = [f for p in patterns for f in sorted(Path(s.root).glob(p))]
-            tables.append(manifest_from_cifar_binary(files, s.dataset, s.split, 100 if s.kind == "cifar100-binary" else 10, s.ood))
+            t = manifest_from_cifar_binary(files, s.dataset, s.split, 100 if s.kind == "cifar100-binary" else 10, s.ood)
+        tables += long_tail_tables(t, s.imbalance_ratio, s.val_per_class) if s.imbalance_ratio else [t]
     table = pa.concat_tables(tables)
     listing = shards.shard_hashes(table, np.zeros(table.num_rows, np.int32))[0]
     key = storage.content_key("manifest", MANIFEST_VERSION, source="folders", listing=listing)
@@ -98,6 +103,16 @@ def folders_manifest(cfg: JobConfig) -> tuple[pa.Table, str, Path]:
         with target.writing() as tmp:
             storage.write_table(table, tmp, "manifest.parquet")
     return table, key, target.path / "manifest.parquet"
+
+
+def long_tail_tables(table: pa.Table, imbalance_ratio: float, val_per_class: int | None) -> list[pa.Table]:
+    """A long-tailed train table and a balanced ``val`` table from a balanced labelled set."""
+    train_idx, val_idx, _ = long_tail_split(table.column("label").to_numpy(), imbalance_ratio, val_per_class=val_per_class)
+    val = table.take(pa.array(val_idx))
+    val = val.set_column(val.schema.get_field_index("split"), "split", pa.array(["val"] * val.num_rows, pa.string()))
+    ids = [i.replace("/train/", "/val/", 1) for i in val.column("image_id").to_pylist()]
+    val = val.set_column(0, "image_id", pa.array(ids, pa.string()))
+    return [table.take(pa.array(train_idx)), val]
 
 
 def select_rows(manifest: pa.Table, cfg: JobConfig, num_classes: int) -> tuple[pa.Table, pa.Table]:

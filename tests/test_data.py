@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 from oodlib.data import digits as D
+from oodlib.data.longtail import long_tail_counts
 from oodlib.data.decode import decode_batch, load_pil, DecodeError
 from oodlib.data.manifest import (
     ManifestError, encode_png, manifest_from_image_folder, manifest_from_image_sets, manifest_from_list_file, read_manifest,
@@ -41,13 +42,13 @@ def test_digits_deterministic_and_disjoint_splits(digits_sets):
 
 
 def test_long_tail_profile(digits_sets):
-    assert D.long_tail_counts(100, 8, 10) == [int(100 * 10 ** (-k / 7)) for k in range(8)]
-    assert D.long_tail_counts(100, 8, 100)[0] == 100 and D.long_tail_counts(100, 8, 100)[-1] == 1
+    assert long_tail_counts(100, 8, 10) == [int(100 * 10 ** (-k / 7)) for k in range(8)]
+    assert long_tail_counts(100, 8, 100)[0] == 100 and long_tail_counts(100, 8, 100)[-1] == 1
     train = digits_sets[("digits", "train")]
     n_max = min(np.bincount(train.labels))
     for rho in (10, 100):
         lt = digits_sets[(f"digits-lt{rho}", "train")]
-        np.testing.assert_array_equal(np.bincount(lt.labels, minlength=8), D.long_tail_counts(n_max, 8, rho))
+        np.testing.assert_array_equal(np.bincount(lt.labels, minlength=8), long_tail_counts(n_max, 8, rho))
 
 
 def test_corruptions_change_images_monotonically():

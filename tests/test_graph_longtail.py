@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from oodlib.data.digits import long_tail_counts
+from oodlib.data.longtail import long_tail_counts
 from oodlib.data.longtail import class_counts, head_classes, long_tail_split, read_index_list
 from oodlib.graph.evaluate import head_tail_accuracy, neighbour_stats, neighbour_stats_by_class
 

@@ -8,7 +8,8 @@
 * ``digits-c``: the ID test split under 4 corruptions × 3 severities (labels kept), where the
   model makes wrong predictions; ``subset`` names the corruption and severity (``blur-2``).
 * ``digits-lt10`` / ``digits-lt100``: long-tailed subsets of the ID train split with the
-  exponential profile n_k = n_max · ρ^(−k/(C−1)) (class 0 is the head).
+  exponential profile n_k = n_max · ρ^(−k/(C−1)) (class 0 is the head; the first n_k images of
+  each class, :func:`oodlib.data.longtail.long_tail_split`).
 
 Images are 8×8 grey levels (0–16) upsampled to 32×32 uint8, so the same PNG decode path as real
 data runs. Everything is a deterministic function of the seed.
@@ -19,6 +20,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image, ImageFilter
+
+from oodlib.data.longtail import long_tail_split
 
 ID_CLASSES = tuple(range(8))
 NEAR_OOD_CLASSES = (8, 9)
@@ -61,23 +64,6 @@ def stratified_split(
         parts[1] += idx[n_train : n_train + n_val].tolist()
         parts[2] += idx[n_train + n_val :].tolist()
     return tuple(np.sort(np.asarray(p, dtype=np.int64)) for p in parts)  # type: ignore[return-value]
-
-
-def long_tail_counts(n_max: int, num_classes: int, imbalance_ratio: float) -> list[int]:
-    """Exponential profile: n_k = floor(n_max · ρ^(−k/(C−1))), k = 0..C−1 (class 0 largest)."""
-    return [
-        int(n_max * imbalance_ratio ** (-k / (num_classes - 1))) for k in range(num_classes)
-    ]
-
-
-def long_tail_indices(labels: np.ndarray, imbalance_ratio: float) -> np.ndarray:
-    """Indices of a long-tailed subset of ``labels``: the first n_k images of each class, in
-    order (the CIFAR-LT rule; classes in sorted order, 0 = head)."""
-    classes = np.unique(labels)
-    n_max = min(int((labels == c).sum()) for c in classes)
-    counts = long_tail_counts(n_max, len(classes), imbalance_ratio)
-    keep = [np.flatnonzero(labels == c)[:n] for c, n in zip(classes, counts)]
-    return np.sort(np.concatenate(keep))
 
 
 def corrupt(images: np.ndarray, kind: str, severity: int, rng: np.random.Generator) -> np.ndarray:
@@ -124,8 +110,8 @@ def noise_images(n: int, rng: np.random.Generator) -> np.ndarray:
     """``n`` 32×32 noise images: half uniform, half blurred Gaussian blobs."""
     uniform = rng.integers(0, 256, size=(n - n // 2, IMAGE_SIZE, IMAGE_SIZE)).astype(np.uint8)
     gauss = np.clip(rng.normal(128, 64, size=(n // 2, IMAGE_SIZE, IMAGE_SIZE)), 0, 255).astype(np.uint8)
-    gauss = np.stack([np.asarray(Image.fromarray(im).filter(ImageFilter.GaussianBlur(1.5))) for im in gauss])
-    return np.concatenate([uniform, gauss]) if len(gauss) else uniform
+    blurred = [np.asarray(Image.fromarray(im).filter(ImageFilter.GaussianBlur(1.5))) for im in gauss]
+    return np.concatenate([uniform, np.stack(blurred)]) if blurred else uniform
 
 
 def build_digits(seed: int = 0, n_photo: int = 400, n_noise: int = 400) -> list[ImageSet]:
@@ -171,6 +157,6 @@ def build_digits(seed: int = 0, n_photo: int = 400, n_noise: int = 400) -> list[
     )
 
     for rho in (10, 100):
-        lt = train[long_tail_indices(labels[train], rho)]
+        lt = train[long_tail_split(labels[train], rho, val_per_class=0)[0]]
         sets.append(take(f"digits-lt{rho}", "train", lt))
     return sets

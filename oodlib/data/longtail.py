@@ -13,7 +13,11 @@ from pathlib import Path
 
 import numpy as np
 
-from oodlib.data.digits import long_tail_counts
+
+
+def long_tail_counts(n_max: int, num_classes: int, imbalance_ratio: float) -> list[int]:
+    """Exponential profile: n_k = floor(n_max · ρ^(−k/(C−1))), k = 0..C−1 (class 0 largest)."""
+    return [int(n_max * imbalance_ratio ** (-k / (num_classes - 1))) for k in range(num_classes)]
 
 
 def long_tail_split(

@@ -172,6 +172,19 @@ def manifest_from_cifar_binary(files: list[str | Path], dataset: str, split: str
     return manifest_from_image_sets(sets)
 
 
+def manifest_from_npy(path: str | Path, dataset: str, split: str) -> pa.Table:
+    """OOD manifest (label −1, PNG bytes) from a ``.npy`` array of N×H×W×3 uint8 images, e.g.
+    TinyImages-300K (``300K_random_images.npy``); loaded with ``allow_pickle=False``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ManifestError(f"image array {path} does not exist")
+    images = np.load(path, mmap_mode="r", allow_pickle=False)
+    if images.dtype != np.uint8 or images.ndim not in (3, 4):
+        raise ManifestError(f"{path}: expected N×H×W(×3) uint8 images, got {images.dtype} {images.shape}")
+    ids = [f"{dataset}/{split}/{i:07d}" for i in range(len(images))]
+    return manifest_from_image_sets([ImageSet(dataset, split, np.asarray(images), np.full(len(images), -1), ids)])
+
+
 def concat_manifests(tables: Iterable[pa.Table]) -> pa.Table:
     """Concatenate manifests and validate the result."""
     table = pa.concat_tables([conform(t) for t in tables])
