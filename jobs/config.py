@@ -112,6 +112,9 @@ class EmbedConfig(Strict):
     #: the manifest is split into this many shards (sha1 of image_id); only new or changed shards
     #: are re-embedded on a later run. More shards = finer-grained recomputation, more files.
     num_shards: int = Field(default=32, gt=0, le=65536)
+    #: shards embedded (and committed) per Ray Data pipeline; a crashed job resumes from the
+    #: last committed wave
+    shards_per_wave: int = Field(default=16, gt=0)
 
 
 class DetectorConfig(Strict):

@@ -340,11 +340,17 @@ def run_embed_stage(
 
         specs = tuple(ExtraSpec(name, params, None if state is None else ray.put(state)) for name, params, state in extras)
         spec = embed.ModelSpec(cfg.model.name, model.num_classes, ray.put(embed.model_state_arrays(model)), cfg.model.device, specs)
-        rows = selected.filter(pc.is_in(selected.column("shard"), pa.array(sorted(todo), pa.int32())))
-        embed.run_embed(
-            rows, todo, spec, cfg.embed.batch_size, cfg.embed.num_actors,
-            embed.gpus_per_actor(cfg.embed.num_gpus_per_actor), cfg.embed.cpus_per_actor, scratch / "embed",
-        )
+        num_gpus = embed.gpus_per_actor(cfg.embed.num_gpus_per_actor)
+        order = sorted(todo)
+        # waves of shards, each committed when done: a crash loses at most one wave's work
+        for w in range(0, len(order), cfg.embed.shards_per_wave):
+            wave = order[w : w + cfg.embed.shards_per_wave]
+            rows = selected.filter(pc.is_in(selected.column("shard"), pa.array(wave, pa.int32())))
+            embed.run_embed(
+                rows, {s: todo[s] for s in wave}, spec, cfg.embed.batch_size, cfg.embed.num_actors,
+                num_gpus, cfg.embed.cpus_per_actor, scratch / f"embed-{w}",
+            )
+            print(f"[embed] committed {min(w + len(wave), len(order))} of {len(order)} shards", flush=True)
     per_shard = {s: json.loads((t.path / "counts.json").read_text()) for s, t in targets.items()}
     counts = {k: sum(c[k] for c in per_shard.values()) for k in ("input", "features", "quarantined")}
     counts.update(shards_total=len(targets), shards_recomputed=len(todo))
