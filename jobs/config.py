@@ -191,6 +191,39 @@ class ExplainConfig(Strict):
         return v
 
 
+class MutantConfig(Strict):
+    operator: Literal["GF", "NAI", "WS", "NS"] = "NAI"
+    rate: float = Field(default=0.002, gt=0, lt=1)
+    n_accepted: int = Field(default=100, gt=0)
+    #: rejection-sampling cap (default 10 × n_accepted); hitting it is an error
+    max_tries: int | None = Field(default=None, gt=0)
+
+
+class SprtConfig(Strict):
+    #: stop running mutants per batch once every input decided (saves mutant passes); off = run
+    #: every mutant and apply the SPRT to the flip matrix afterwards (both LCRs available)
+    early_stop: bool = False
+    confidence: float = Field(default=0.99, gt=0.5, lt=1)
+    band: Literal["population", "mean_ci"] = "population"
+
+
+class ErrorsConfig(Strict):
+    """Wrong-prediction risk: layer conductance + error detector, LCR over mutants, fusion."""
+
+    enabled: bool = False
+    layer: str | None = None
+    n_steps: int = Field(default=10, gt=0)
+    method: Literal["right_riemann", "left_riemann", "gausslegendre"] = "right_riemann"
+    mutants: MutantConfig = Field(default_factory=MutantConfig)
+    sprt: SprtConfig = Field(default_factory=SprtConfig)
+    #: labelled sets besides the ID splits where errors are evaluated (e.g. digits-c); their rows
+    #: are split fit/val/test by source image (the last component of image_id), so no evaluated
+    #: image has a corrupted twin among the detector's training rows
+    extra_datasets: list[str] = Field(default_factory=list)
+    detector_epochs: int = Field(default=100, gt=0)
+    seed: int = 0
+
+
 class MlflowConfig(Strict):
     #: None → sqlite:///{output}/mlflow.db (or $MLFLOW_TRACKING_URI when set)
     tracking_uri: str | None = None
@@ -206,6 +239,7 @@ class JobConfig(Strict):
     detectors: list[DetectorConfig] = Field(default_factory=lambda: [DetectorConfig(name=n) for n in ("msp", "maxlogit", "energy")])
     graph: GraphConfig = Field(default_factory=GraphConfig)
     explain: ExplainConfig = Field(default_factory=ExplainConfig)
+    errors: ErrorsConfig = Field(default_factory=ErrorsConfig)
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
     schedule: str = "manual"
 
@@ -214,6 +248,13 @@ class JobConfig(Strict):
     def _names_to_entries(cls, v):
         """Allow plain names (``- energy``) next to ``{name: …, params: …}`` entries."""
         return [{"name": d} if isinstance(d, str) else d for d in v]
+
+    @model_validator(mode="after")
+    def _error_sets_embedded(self) -> "JobConfig":
+        missing = [d for d in self.errors.extra_datasets if d not in self.data.extra_datasets and d != self.data.id_dataset]
+        if self.errors.enabled and missing:
+            raise ValueError(f"errors.extra_datasets: {missing} must also be listed in data.extra_datasets")
+        return self
 
     @model_validator(mode="after")
     def _graph_sets_not_ood(self) -> "JobConfig":

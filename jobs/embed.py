@@ -66,17 +66,28 @@ def embed_batch(model: ModelAdapter, batch: pa.Table, device: torch.device, extr
     n, ok = batch.num_rows, np.array([r is None for r in reasons], bool)
     feats = np.zeros((n, model.feature_dim), np.float32)
     logits = np.zeros((n, model.num_classes), np.float32)
-    extra_cols = {c: np.zeros((n, w) if w else n, np.float32) for e in extras for c, w in e.columns.items()}
+    extra_cols = {
+        c: np.zeros((n, w), np.float32) if isinstance(w, int) else np.zeros(n, w or np.float32)
+        for e in extras for c, w in e.columns.items()
+    }
     if ok.any():
         x = x.to(device, non_blocking=True)
-        with torch.inference_mode():
-            h = model.features(x)
-            f = model.head(h)
+        # an extra that computes the ordinary forward on the way (conductance) replaces it
+        forward = next((e for e in extras if hasattr(e, "forward")), None)
+        if forward is not None:
+            h, f, cols = forward.forward(model, x)
+            for c, values in cols.items():
+                extra_cols[c][ok] = values
+        else:
+            with torch.inference_mode():
+                h = model.features(x)
+                f = model.head(h)
         feats[ok] = h.float().cpu().numpy()
         logits[ok] = f.float().cpu().numpy()
         for extra in extras:
-            for c, values in extra(model, x, h, f).items():
-                extra_cols[c][ok] = values
+            if extra is not forward:
+                for c, values in extra(model, x, h, f).items():
+                    extra_cols[c][ok] = values
     finite = np.isfinite(feats).all(1) & np.isfinite(logits).all(1)
     for values in extra_cols.values():
         finite &= np.isfinite(values.reshape(n, -1)).all(1)

@@ -72,6 +72,13 @@ def results_markdown(metrics: pd.DataFrame) -> str:
         for (dataset, method), row in wide.iterrows():
             lines.append(f"| {dataset} | {method} | " + " | ".join("" if pd.isna(row[m]) else f"{100 * row[m]:.2f}" for m in cols) + " |")
         lines.append("")
+    err = metrics[(metrics.task == "error") & metrics.metric.isin(["auroc", "recall_correct", "recall_wrong"])]
+    if not err.empty:
+        wide = err.pivot_table(index="method", columns=["dataset", "metric"], values="value", sort=False)
+        cols = [c for c in [(d, m) for d in ("val", "test") for m in ("auroc", "recall_correct", "recall_wrong")] if c in wide.columns]
+        lines += ["### Wrong-prediction detection (wrong = positive; recalls at the equal-recall threshold fitted on val)", "",
+                  "| method | " + " | ".join(f"{d} {m}" for d, m in cols) + " |", "|---|" + "---:|" * len(cols)]
+        lines += [f"| {method} | " + " | ".join(f"{row[c]:.4f}" for c in cols) + " |" for method, row in wide.iterrows()] + [""]
     acc = metrics[metrics.task == "classify"]
     lines += ["| ID set | accuracy |", "|---|---:|"] + [f"| {r.dataset} | {100 * r.value:.2f} |" for r in acc.itertuples()]
     return "\n".join(lines)

@@ -23,12 +23,84 @@ class ExtraSpec:
 
 
 class Extra:
-    """Base: ``columns`` maps each output column to its vector width (None = float32 scalar)."""
+    """Base: ``columns`` maps each output column to its vector width (an int: float32 vector),
+    None (float32 scalar) or a NumPy dtype name for an integer scalar (``"int16"``)."""
 
-    columns: dict[str, int | None]
+    columns: dict[str, int | str | None]
 
     def __call__(self, model: ModelAdapter, x: torch.Tensor, h: torch.Tensor, logits: torch.Tensor) -> dict[str, np.ndarray]:
         raise NotImplementedError
+
+
+class LayerConductance(Extra):
+    """``conductance`` [K]: feature-map conductance of the predicted logit at the configured
+    layer (zero baseline, n steps). With the paper's right-end rule its last path point is the
+    image itself, so it also *is* the batch's ordinary forward (:meth:`forward`)."""
+
+    def __init__(self, model: ModelAdapter, params: dict, state, device: torch.device) -> None:
+        self.layer = params.get("layer") or model.default_layer
+        self.n_steps = int(params.get("n_steps", 10))
+        self.method = params.get("method", "right_riemann")
+        with torch.no_grad():
+            channels = _out_channels(model, model.layer(self.layer))
+        self.columns = {"conductance": channels}
+
+    def forward(self, model: ModelAdapter, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, np.ndarray]]:
+        """(features, logits, columns) from one conductance pass (right rule: x is the last point)."""
+        from oodlib.conductance import conductance_forward, layer_conductance
+
+        if self.method == "right_riemann":
+            res = conductance_forward(model, x, self.layer, self.n_steps, self.method)
+            return res.features.detach(), res.logits.detach(), {"conductance": res.conductance.float().cpu().numpy()}
+        with torch.inference_mode():
+            h = model.features(x)
+            logits = model.head(h)
+        cond = layer_conductance(model, x, self.layer, self.n_steps, self.method, target=logits.argmax(1))
+        return h, logits, {"conductance": cond.float().cpu().numpy()}
+
+
+def _out_channels(model: ModelAdapter, layer: torch.nn.Module) -> int:
+    """Channels of ``layer``'s output, from a forward hook on a one-image probe."""
+    out = {}
+
+    def record(module, inputs, output) -> None:  # returning None keeps the output unchanged
+        out["c"] = output.shape[1]
+
+    handle = layer.register_forward_hook(record)
+    try:
+        size = model.preprocess.size
+        model(torch.zeros(1, model.preprocess.channels, *size, device=next(model.parameters()).device))
+    finally:
+        handle.remove()
+    return int(out["c"])
+
+
+class LabelChangeRate(Extra):
+    """``lcr`` (flips / mutants used), ``lcr_mutants_used`` (int16) and, without early stop, the
+    flip matrix ``lcr_flips`` [M] (for AUROC vs number of mutants and the post-hoc SPRT).
+    Mutants are regenerated here from their (operator, rate, seed) table, never shipped as weights."""
+
+    def __init__(self, model: ModelAdapter, params: dict, state: dict, device: torch.device) -> None:
+        import pandas as pd
+
+        from oodlib.lcr import SPRT
+        from oodlib.mutants import MutantSet
+
+        mutants = MutantSet.from_frame(pd.DataFrame(state["table"]))
+        self.patches = mutants.patches(model)
+        self.sprt = SPRT(state["tau"]) if params.get("early_stop") else None
+        self.columns = {"lcr": None, "lcr_mutants_used": "int16"}
+        if self.sprt is None:
+            self.columns["lcr_flips"] = len(self.patches)
+
+    def __call__(self, model, x, h, logits):
+        from oodlib.lcr import label_change_rate
+
+        res = label_change_rate(model, x, self.patches, preds=logits.argmax(1), sprt=self.sprt)
+        out = {"lcr": res.lcr, "lcr_mutants_used": res.used}
+        if self.sprt is None:
+            out["lcr_flips"] = res.flips.astype(np.float32)
+        return out
 
 
 class GaussianizedFeatures(Extra):
@@ -61,7 +133,9 @@ class OdinScore(Extra):
         return {"odin": odin_score(model, x, self.temperature, self.epsilon)}
 
 
-EXTRAS: dict[str, type[Extra]] = {"gfeatures": GaussianizedFeatures, "odin": OdinScore}
+EXTRAS: dict[str, type[Extra]] = {
+    "gfeatures": GaussianizedFeatures, "odin": OdinScore, "conductance": LayerConductance, "lcr": LabelChangeRate,
+}
 
 
 def build_extras(specs: tuple[ExtraSpec, ...], model: ModelAdapter, device: torch.device) -> list[Extra]:

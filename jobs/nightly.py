@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import yaml
 
-from jobs import embed, evaluate, explain, fit, graph, score, shards, storage, tracking
+from jobs import embed, errors, evaluate, explain, fit, graph, score, shards, storage, tracking
 from jobs.extras import ExtraSpec
 from jobs.config import ConfigError, JobConfig, load_config
 from oodlib.data.digits import build_digits
@@ -227,6 +227,19 @@ def run_explain_stage(
     return sorted(target.path.glob("*.png")) + sorted(target.path.glob("*.md")) + sorted(target.path.glob("localization.parquet"))
 
 
+def run_errors_stage(cfg: JobConfig, features: dict[str, Path], stages: StageLog) -> pd.DataFrame:
+    """ERRORS: error detectors, fusions and tables (reused when features and config are unchanged)."""
+    t0 = time.time()
+    key = storage.content_key("errors", errors.STAGE_VERSION, features=sorted(features), errors=cfg.errors.model_dump(), id=cfg.data.id_dataset)
+    target = storage.stage_dir(cfg.output, cfg.experiment, "errors", key)
+    reused = target.done
+    if not reused:
+        tau = json.loads((Path(stages.paths["mutants"]) / "sprt.json").read_text())["tau"]
+        errors.run_errors(cfg, list(features.values()), tau, target)
+    stages.record("errors", target, reused, time.time() - t0)
+    return pq.read_table(target.path / "metrics.parquet").to_pandas()
+
+
 def run_graph_stage(cfg: JobConfig, model: ModelAdapter, features: dict[str, Path], stages: StageLog) -> pd.DataFrame:
     """GRAPH on the long-tailed set (reused when the features and the graph config are unchanged)."""
     t0 = time.time()
@@ -273,6 +286,8 @@ def run(cfg: JobConfig, schedule: str | None = None, config_path: str = "", embe
         score_dirs, scores_key = run_score_stage(cfg, fit_key, features, detectors, scratch, stages)
         metrics_df, eval_dir = run_evaluate_stage(cfg, scores_key, score_dirs, stages)
         explain_artifacts = []
+        if post_stages and cfg.errors.enabled:
+            metrics_df = pd.concat([metrics_df, run_errors_stage(cfg, features, stages)], ignore_index=True)
         if post_stages and cfg.graph.enabled:
             metrics_df = pd.concat([metrics_df, run_graph_stage(cfg, model, features, stages)], ignore_index=True)
         if post_stages and cfg.explain.enabled:
@@ -309,6 +324,16 @@ def embed_extras(cfg: JobConfig, selected: pa.Table, model: ModelAdapter, model_
         if d.name == "odin":
             extras.append(("odin", dict(d.params), None))
             keys["odin"] = dict(d.params)
+    if cfg.errors.enabled:
+        e = cfg.errors
+        extras.append(("conductance", {"layer": e.layer, "n_steps": e.n_steps, "method": e.method}, None))
+        keys["conductance"] = {"layer": e.layer, "n_steps": e.n_steps, "method": e.method}
+        t0 = time.time()
+        mutant_state, path = errors.mutants_stage(cfg, selected, model, model_hash, id_rows_hash)
+        extras.append(("lcr", {"early_stop": e.sprt.early_stop}, mutant_state))
+        keys["lcr"] = {"mutants": path.name, "early_stop": e.sprt.early_stop}
+        stages.paths["mutants"] = str(path)
+        stages.seconds["mutants"] = round(time.time() - t0, 2)
     if cfg.graph.enabled:
         t0 = time.time()
         lt = graph.lt_train_rows(selected, cfg.graph.train_dataset)

@@ -81,6 +81,8 @@ def log_job(
         for key, det in detectors.items():
             rows = metrics[(metrics.task == "ood") & (metrics.method == key)]
             log_child(key, tags, {"detector": det.name, **det.params()}, rows, [eval_dir.path / "plots" / f"{key}.png"])
+        for method, rows in metrics[metrics.task == "error"].groupby("method", sort=False):
+            log_child(f"error/{method}", tags, {"errors": cfg.errors.model_dump_json()}, rows, [])
         lt = metrics[metrics.task == "ood-lt"]
         for method, rows in lt.groupby("method", sort=False):
             log_child(f"lt/{method}", tags, {"variant": method, **cfg.graph.model_dump(exclude={"ablations", "enabled"})}, rows, [])
