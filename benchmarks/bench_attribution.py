@@ -22,7 +22,6 @@ import statistics
 import time
 
 import torch
-import torch.nn.functional as F
 
 from oodlib.attribution import build_program
 from oodlib.attribution.engine import _avgpool_z, _maxpool_route, propagate

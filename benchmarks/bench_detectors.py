@@ -25,11 +25,9 @@ import time
 
 import numpy as np
 import torch
-from scipy.special import logsumexp
 
 from oodlib.contribution import contribution_matrix, features_and_moments
 from oodlib.detectors import DICE, KNN, LINE, MSP, DICEReAct, Energy, Head, Mahalanobis, MaxLogit, ReAct, ScoreInputs
-from oodlib.detectors.line import wp_thresholds
 from oodlib.device import resolve_device
 from oodlib.models import load_model
 from oodlib.stats import ClassMoments
@@ -89,7 +87,7 @@ def bench_scoring(n_images: int, repeats: int, device) -> list[tuple]:
         rows.append((f"score `{name}` / forward ({n_images} imgs)", s / forward_s, "≤ 0.25", s / forward_s <= 0.25))
     rows.append(("all detectors together / forward", total / forward_s, "≤ 1.25", total / forward_s <= 1.25))
     rows.append((f"(info) forward {n_images} imgs, s", forward_s, "", None))
-    rows.append((f"(info) LINE fit (C=1000, D=512), s", line_fit_s, "", None))
+    rows.append(("(info) LINE fit (C=1000, D=512), s", line_fit_s, "", None))
     return rows
 
 

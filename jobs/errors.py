@@ -26,7 +26,7 @@ from oodlib.error_detection import (
 )
 from oodlib.lcr import SPRT, fit_sprt_tau, label_change_rate
 from oodlib.models import ModelAdapter
-from oodlib.mutants import MutantSet, generate_mutants
+from oodlib.mutants import generate_mutants
 
 STAGE_VERSION = 1
 SPLITS = ("fit", "val", "test")

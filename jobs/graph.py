@@ -101,7 +101,6 @@ def run_graph(cfg: JobConfig, feature_dirs: list[Path], num_classes: int, target
                 out = est.predict(X[rows], batch_size=g.batch_size, seed=g.seed)
                 per_set[ood] = ood_metrics(out["score"][: len(test_idx)], out["score"][len(test_idx) :])
                 acc = head_tail_accuracy(y_test, out["pred"][: len(test_idx)], counts)
-                acc["acc"] = float(np.mean(out["pred"][: len(test_idx)] == y_test))
                 metrics += [dict(task="ood-lt", method=name, dataset=ood, metric=k, value=v) for k, v in {**per_set[ood], **acc}.items()]
                 part = pd.DataFrame({"image_id": df.image_id.to_numpy()[rows], "ood_set": ood, "method": name,
                                      "score": out["score"], "pred": out["pred"]})

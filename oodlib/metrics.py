@@ -76,16 +76,26 @@ def accuracy(labels: np.ndarray, preds: np.ndarray) -> float:
 
 
 def head_tail_accuracy(labels: np.ndarray, preds: np.ndarray, train_counts: np.ndarray) -> dict[str, float]:
-    """``acc_head`` / ``acc_tail`` for long-tailed ID sets.
+    """Long-tailed ID accuracy: overall, on head and tail classes, and by shot.
 
-    Head = the first half of the classes sorted by training count (most frequent first, ties by
-    class index), tail = the rest (for an odd class count the middle class is tail).
+    Head = the first half of the classes sorted by training count, most frequent first
+    (:func:`oodlib.data.longtail.head_classes`), tail = the rest; many/medium/few shot = more
+    than 100, 20–100, fewer than 20 training images. Rows with label < 0 are ignored.
+    Returns ``acc``, ``acc_head``, ``acc_tail``, ``acc_many``, ``acc_medium``, ``acc_few`` (NaN for
+    an empty group).
     """
+    from oodlib.data.longtail import head_classes
+
     labels, preds = np.asarray(labels), np.asarray(preds)
-    order = np.argsort(-np.asarray(train_counts), kind="stable")
-    head = order[: len(order) // 2]
-    is_head = np.isin(labels, head)
-    return {"acc_head": accuracy(labels[is_head], preds[is_head]), "acc_tail": accuracy(labels[~is_head], preds[~is_head])}
+    keep = labels >= 0
+    labels, preds = labels[keep], preds[keep]
+    counts = np.asarray(train_counts)
+    correct = preds == labels
+    head = head_classes(counts)[labels]
+    shots = counts[labels]
+    groups = {"acc": np.ones(len(labels), bool), "acc_head": head, "acc_tail": ~head,
+              "acc_many": shots > 100, "acc_medium": (shots >= 20) & (shots <= 100), "acc_few": shots < 20}
+    return {k: float(correct[m].mean()) if m.any() else float("nan") for k, m in groups.items()}
 
 
 # --- wrong-prediction detection (wrong = positive class, risk higher = more likely wrong) ---

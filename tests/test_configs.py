@@ -1,5 +1,4 @@
 """Shipped configs validate; image sets on disk (ImageFolder, CIFAR binary) become manifests."""
-import re
 from pathlib import Path
 
 import numpy as np

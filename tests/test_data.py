@@ -11,7 +11,7 @@ from oodlib.data import digits as D
 from oodlib.data.longtail import long_tail_counts
 from oodlib.data.decode import decode_batch, load_pil, DecodeError
 from oodlib.data.manifest import (
-    ManifestError, encode_png, manifest_from_image_folder, manifest_from_image_sets, manifest_from_list_file, read_manifest,
+    ManifestError, manifest_from_image_folder, manifest_from_image_sets, manifest_from_list_file, read_manifest,
 )
 from oodlib.models.base import DIGITS_PREPROCESS, IMAGENET_PREPROCESS
 

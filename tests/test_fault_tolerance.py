@@ -1,5 +1,4 @@
 """Fault tolerance: a worker node killed during EMBED, a driver killed mid-job, a failing actor."""
-import json
 import os
 import signal
 import subprocess
@@ -38,7 +37,7 @@ def job_config(tmp_path, **embed_cfg) -> dict:
     }
 
 
-def scores_of(summary) -> "pd.DataFrame":
+def scores_of(summary):
     df = storage.read_table(shards.index_dirs(summary["stages"]["score"], "scores")).to_pandas()
     return df.sort_values("image_id").reset_index(drop=True)
 

@@ -1,7 +1,6 @@
 """Gaussianization: BN recalibration on the LT train data, persistence, shared-prefix features."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 

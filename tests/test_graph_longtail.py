@@ -6,7 +6,8 @@ import pytest
 
 from oodlib.data.longtail import long_tail_counts
 from oodlib.data.longtail import class_counts, head_classes, long_tail_split, read_index_list
-from oodlib.graph.evaluate import head_tail_accuracy, neighbour_stats, neighbour_stats_by_class
+from oodlib.graph.evaluate import neighbour_stats, neighbour_stats_by_class
+from oodlib.metrics import head_tail_accuracy
 
 
 def test_cifar10_lt_profile_counts():
@@ -39,7 +40,7 @@ def test_head_tail_accuracy_hand_case():
     counts = np.array([300, 50, 10, 5])  # head = {0, 1}; many = {0}, medium = {1}, few = {2, 3}
     labels = np.array([0, 0, 1, 1, 2, 2, 3, 3, -1])
     pred = np.array([0, 0, 1, 0, 2, 0, 0, 0, 3])
-    acc = head_tail_accuracy(pred, labels, counts)
+    acc = head_tail_accuracy(labels, pred, counts)
     assert acc["acc"] == 4 / 8 and acc["acc_head"] == 3 / 4 and acc["acc_tail"] == 1 / 4
     assert acc["acc_many"] == 1.0 and acc["acc_medium"] == 0.5 and acc["acc_few"] == 0.25
 

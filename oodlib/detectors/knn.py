@@ -3,50 +3,10 @@ from __future__ import annotations
 
 import faiss
 import numpy as np
-import torch
 
 from oodlib.detectors.base import Detector, Head, ScoreInputs
+from oodlib.faiss_index import inner_product_index, l2_normalize
 from oodlib.stats import FitStats
-
-#: Banks above this many rows use an approximate (IVF) index under ``index="auto"``.
-EXACT_MAX_ROWS = 1_000_000
-
-
-def l2_normalize(h: np.ndarray) -> np.ndarray:
-    """Rows divided by their L2 norm (float32, contiguous); zero rows stay zero."""
-    h = np.asarray(h, np.float32)
-    return np.ascontiguousarray(h / np.maximum(np.linalg.norm(h, axis=1, keepdims=True), 1e-12))
-
-
-def build_index(bank: np.ndarray, kind: str = "auto", nprobe: int = 32, seed: int = 0) -> faiss.Index:
-    """Inner-product faiss index over normalized rows ``bank`` (N×D float32).
-
-    ``kind``: ``"flat"`` (exact), ``"ivf"`` (IVF-Flat, nlist = 4·√N, trained on ≤ 256·nlist rows,
-    ``nprobe`` lists searched), ``"hnsw"`` (HNSW, M = 32), or ``"auto"`` = flat up to
-    :data:`EXACT_MAX_ROWS` rows, IVF above. Moved to a GPU when faiss has GPU support and CUDA
-    is visible.
-    """
-    n, d = bank.shape
-    if kind == "auto":
-        kind = "flat" if n <= EXACT_MAX_ROWS else "ivf"
-    if kind == "flat":
-        index = faiss.IndexFlatIP(d)
-    elif kind == "ivf":
-        nlist = max(1, min(n // 39, int(4 * np.sqrt(n))))
-        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
-        rng = np.random.default_rng(seed)
-        train = bank[np.sort(rng.choice(n, size=min(n, 256 * nlist), replace=False))]
-        index.train(train)
-        index.nprobe = min(nprobe, nlist)
-    elif kind == "hnsw":
-        index = faiss.IndexHNSWFlat(d, 32, faiss.METRIC_INNER_PRODUCT)
-    else:
-        raise ValueError(f"unknown index kind {kind!r}; use auto, flat, ivf or hnsw")
-    if hasattr(faiss, "StandardGpuResources") and torch.cuda.is_available() and kind != "hnsw":
-        index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
-    index.add(bank)
-    return index
-
 
 class KNN(Detector):
     """Score = −‖z − z₍ₖ₎‖₂, z = h/‖h‖, z₍ₖ₎ the k-th nearest normalized ID-train feature.
@@ -83,7 +43,7 @@ class KNN(Detector):
         if len(bank) < self.k:
             raise ValueError(f"k={self.k} exceeds the bank size {len(bank)}")
         self.bank = np.ascontiguousarray(bank, np.float32)
-        self._index = build_index(self.bank, self.index_kind, self.nprobe, self.seed)
+        self._index = inner_product_index(self.bank, self.index_kind, nprobe=self.nprobe, seed=self.seed)
         return self
 
     def kth_similarity(self, features: np.ndarray) -> np.ndarray:

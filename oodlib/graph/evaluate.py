@@ -1,5 +1,5 @@
-"""Long-tail evaluation helpers: head/tail accuracy and the kNN graph's neighbour statistics
-(paper Fig. 3c: how many head, tail and OOD neighbours each node has)."""
+"""The kNN graph's neighbour statistics (paper Fig. 3c: how many head, tail and OOD neighbours
+each node has). Head/tail accuracy is :func:`oodlib.metrics.head_tail_accuracy`."""
 from __future__ import annotations
 
 import numpy as np
@@ -7,28 +7,6 @@ import pandas as pd
 import torch
 
 from oodlib.data.longtail import head_classes
-
-
-def head_tail_accuracy(pred: np.ndarray, labels: np.ndarray, counts: np.ndarray) -> dict[str, float]:
-    """ID accuracy overall, on head and tail classes, and by shot (many > 100, medium 20–100, few < 20).
-
-    Args:
-        pred, labels: (N,) predicted and true classes of ID test images (rows with label < 0 ignored).
-        counts: (C,) training images per class; head = :func:`~oodlib.data.longtail.head_classes`.
-    Returns:
-        ``acc``, ``acc_head``, ``acc_tail``, ``acc_many``, ``acc_medium``, ``acc_few`` — each the
-        fraction of correct rows among the rows of that class group (NaN for an empty group).
-    """
-    pred, labels = np.asarray(pred), np.asarray(labels)
-    keep = labels >= 0
-    pred, labels = pred[keep], labels[keep]
-    counts = np.asarray(counts)
-    correct = pred == labels
-    head = head_classes(counts)[labels]
-    shots = counts[labels]
-    groups = {"acc": np.ones(len(labels), bool), "acc_head": head, "acc_tail": ~head,
-              "acc_many": shots > 100, "acc_medium": (shots >= 20) & (shots <= 100), "acc_few": shots < 20}
-    return {k: float(correct[m].mean()) if m.any() else float("nan") for k, m in groups.items()}
 
 
 def neighbour_stats(edge_index: torch.Tensor | np.ndarray, labels: np.ndarray, counts: np.ndarray) -> pd.DataFrame:

@@ -20,53 +20,12 @@ a sample with :func:`neighbour_recall`.
 """
 from __future__ import annotations
 
-import math
 import warnings
 
-import faiss
 import numpy as np
 import torch
 
-from oodlib.device import resolve_device
-
-INDEXES = ("flat", "ivf", "hnsw", "auto")
-#: Node count above which ``index="auto"`` switches from exact to IVF search.
-AUTO_APPROX_ABOVE = 1_000_000
-
-
-def l2_normalize(x: np.ndarray | torch.Tensor) -> np.ndarray:
-    """Rows of ``x`` (N×D) scaled to unit L2 norm, float32 C-contiguous (zero rows stay zero)."""
-    x = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return np.ascontiguousarray(x / np.maximum(norms, 1e-12), dtype=np.float32)
-
-
-def _build_index(
-    xn: np.ndarray, index: str, nlist: int | None, nprobe: int, hnsw_m: int, ef_search: int, device: torch.device
-) -> faiss.Index:
-    """A faiss inner-product index over the normalized rows ``xn`` (N×D), filled."""
-    n, d = xn.shape
-    if index == "auto":
-        index = "flat" if n <= AUTO_APPROX_ABOVE else "ivf"
-    if index == "flat":
-        idx = faiss.IndexFlatIP(d)
-    elif index == "ivf":
-        nlist = nlist or max(1, min(n // 39, int(4 * math.sqrt(n))))
-        idx = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
-        sample = xn[np.random.default_rng(0).permutation(n)[: min(n, 256 * nlist)]]
-        idx.train(sample)
-        idx.nprobe = nprobe
-    elif index == "hnsw":
-        idx = faiss.IndexHNSWFlat(d, hnsw_m, faiss.METRIC_INNER_PRODUCT)
-        idx.hnsw.efSearch = ef_search
-    else:
-        raise ValueError(f"unknown index {index!r}; known: {INDEXES}")
-    if device.type == "cuda" and index != "hnsw" and hasattr(faiss, "StandardGpuResources"):
-        idx = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), device.index or 0, idx)
-    idx.add(xn)
-    return idx
-
+from oodlib.faiss_index import inner_product_index, l2_normalize
 
 def cosine_knn(
     x: np.ndarray | torch.Tensor,
@@ -96,7 +55,7 @@ def cosine_knn(
     n = len(xn)
     if not 1 <= k <= n:
         raise ValueError(f"k must lie in [1, N={n}], got {k}")
-    idx = _build_index(xn, index, nlist, nprobe, hnsw_m, ef_search, resolve_device(device))
+    idx = inner_product_index(xn, index, nlist, nprobe, hnsw_m, ef_search, device=device)
     sims, nbrs = idx.search(xn, k)
     rows = np.arange(n)
     nbrs = np.where(nbrs < 0, rows[:, None], nbrs).astype(np.int64)
