@@ -85,7 +85,7 @@ def main() -> None:
 
     manifest = synthetic_manifest(n)
     model = load_model("resnet18").eval()
-    ray.init(num_cpus=threads + 1, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=threads + 1, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     spec = embed.ModelSpec("resnet18", 1000, ray.put(embed.model_state_arrays(model)), "cpu")
     bare_loop(model, manifest.slice(0, args.batch_size), args.batch_size)  # warm-up

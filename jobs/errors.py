@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import torch
 
 from jobs import storage
-from jobs.config import JobConfig
+from jobs.config import ConfigError, JobConfig
 from oodlib.data.decode import decode_batch
 from oodlib.error_detection import (
     auroc_vs_mutants, error_table, fit_and_evaluate, group_split, lcr_table, plot_auroc_vs_mutants, to_long_metrics,
@@ -46,12 +46,17 @@ def mutants_stage(cfg: JobConfig, selected: pa.Table, model: ModelAdapter, model
         x, reasons = decode_batch(val.column("image").to_pylist(), val.column("path").to_pylist(), model.preprocess)
         y = np.asarray(val.column("label").to_pylist())[[r is None for r in reasons]]
         m = e.mutants
-        mutants = generate_mutants(model, x, y, m.operator, m.rate, m.n_accepted, m.max_tries)
+        try:
+            mutants = generate_mutants(model, x, y, m.operator, m.rate, m.n_accepted, m.max_tries)
+        except RuntimeError as exc:  # the rejection-sampling cap: a config problem, not a crash
+            raise ConfigError(f"errors.mutants: {exc}") from None
         with torch.inference_mode():
             preds = model(x).argmax(1)
         res = label_change_rate(model, x, mutants.patches(model), preds=preds)
         correct = preds.numpy() == y
-        tau = fit_sprt_tau(res.lcr[correct], e.sprt.confidence, e.sprt.band)
+        # floored at one flip in M mutants: when no correct validation prediction ever flips,
+        # τ = 0 and the sequential test is undefined (p0 = p1 = 0)
+        tau = max(fit_sprt_tau(res.lcr[correct], e.sprt.confidence, e.sprt.band), 1.0 / mutants.n_accepted)
         with target.writing() as tmp:
             storage.write_table(pa.Table.from_pandas(mutants.to_frame(), preserve_index=False), tmp, "mutants.parquet")
             (tmp / "sprt.json").write_text(json.dumps({

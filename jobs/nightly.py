@@ -311,6 +311,11 @@ def run(cfg: JobConfig, schedule: str | None = None, config_path: str = "", embe
         "model_hash": model_hash, "stages": stages.paths, "reused": stages.reused, "seconds": stages.seconds,
         "counts": stages.counts, "total_seconds": round(time.time() - started, 2),
     }
+    embed_s = stages.seconds.get("embed", 0.0)
+    if not stages.reused.get("embed") and embed_s > 0:
+        summary["throughput_images_per_s"] = round(stages.counts["embed"]["features"] / embed_s, 1)
+    if mlflow_run_id:
+        tracking.log_summary(uri, mlflow_run_id, summary)
     exp_root.mkdir(parents=True, exist_ok=True)
     (exp_root / "last_run.json").write_text(json.dumps(summary, indent=2))
     print_summary(summary, metrics_df)
@@ -467,7 +472,9 @@ def run_evaluate_stage(cfg: JobConfig, scores_key: str, score_dirs: list[Path], 
 def print_summary(summary: dict, metrics_df: pd.DataFrame) -> None:
     print("\n" + evaluate.results_markdown(metrics_df))
     c = summary["counts"].get("embed", {})
-    print(f"\nimages: {c.get('input')} in, {c.get('features')} embedded, {c.get('quarantined')} quarantined")
+    print(f"\nimages: {c.get('input')} in, {c.get('features')} embedded, {c.get('quarantined')} quarantined"
+          + (f"; EMBED {summary['throughput_images_per_s']} images/s" if "throughput_images_per_s" in summary else ""))
+    print("stage seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in summary["seconds"].items()))
     print(f"shards: recomputed {c.get('shards_recomputed')} of {c.get('shards_total')} (EMBED)")
     print(f"outputs: {Path(summary['stages']['evaluate']).parent.parent} (last_run.json lists every stage path)")
     if summary["tracking_uri"]:

@@ -94,3 +94,11 @@ def log_job(
                 rows = table.rename(columns={"method": "dataset"}).assign(dataset=lambda d: d.dataset.str.replace("[", "_").str.replace("]", "").str.replace("+", "_"))
             log_child("explain", tags, cfg.explain.model_dump(), rows, list(explain_artifacts))
         return parent.info.run_id
+
+
+def log_summary(uri: str, run_id: str, summary: dict) -> None:
+    """Attach the per-run summary (counts, quarantined rows, stage durations, throughput) to the
+    parent run as ``run_summary.json``."""
+    mlflow.set_tracking_uri(uri)
+    with mlflow.start_run(run_id=run_id):
+        mlflow.log_dict(summary, "run_summary.json")

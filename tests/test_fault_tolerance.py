@@ -31,7 +31,7 @@ def job_config(tmp_path, **embed_cfg) -> dict:
     return {
         "experiment": "ft",
         "output": str(tmp_path / "out"),
-        "data": {"source": "digits", "limit_per_split": 60, "ood_datasets": ["digits-near", "noise"]},
+        "data": {"source": "digits", "limit_per_split": 40, "ood_datasets": ["digits-near", "noise"]},
         "embed": {"batch_size": 8, "num_actors": 2, "num_shards": 6, **embed_cfg},
         "mlflow": {"enabled": False},
     }
@@ -109,7 +109,7 @@ def test_actor_failure_fails_stage_without_committing(tmp_path):
 
     from oodlib.models import load_model
 
-    ray.init(num_cpus=1, include_dashboard=False)
+    ray.init(address="local", num_cpus=1, include_dashboard=False)  # a fresh local instance
     try:
         model = load_model("digits-cnn")
         state = embed.model_state_arrays(model)

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 def ray_local():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # never a cluster found on the machine
     yield
     ray.shutdown()
 
@@ -80,6 +80,10 @@ def test_pipeline_end_to_end_and_reuse(tmp_path, ray_local):
     child = children[children["tags.method"] == "msp"].iloc[0]
     assert child["metrics.noise.auroc"] == pytest.approx(expected)
     assert child["tags.schedule"] == "test" and child["tags.model_hash"] == summary["model_hash"]
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(summary["mlflow_run_id"])}
+    assert {"run_summary.json", "metrics.parquet", "results.md"} <= artifacts
+    logged = mlflow.artifacts.load_dict(f"runs:/{summary['mlflow_run_id']}/run_summary.json")
+    assert logged["counts"]["embed"]["features"] == 240 and logged["throughput_images_per_s"] > 0
 
     again = nightly.run(cfg)
     assert again["reused"] == {"embed": True, "fit": True, "score": True, "evaluate": True}
@@ -192,3 +196,49 @@ def test_incremental_run_recomputes_only_affected_shards(tmp_path, ray_local, di
     s2 = storage.read_table(shards.index_dirs(second["stages"]["score"], "scores")).to_pandas().set_index("image_id")
     assert set(s2.index) == set(s1.index) | set(new.image_ids)
     np.testing.assert_array_equal(s2.loc[s1.index, "score_msp"], s1.score_msp)
+
+
+def test_all_stages_integrate(tmp_path, ray_local):
+    """Every stage on a tiny digits subset: ODIN, conductance, LCR and gfeatures in the one EMBED
+    pass; ERRORS, GRAPH and EXPLAIN outputs present and consistent; MLflow children logged."""
+    raw = small_config(tmp_path, limit_per_split=30, extra_datasets=["digits-c"])
+    raw["detectors"] = ["msp", "odin", "mahalanobis", {"name": "knn", "params": {"k": 5}}, "line"]
+    raw["errors"] = {"enabled": True, "n_steps": 4, "mutants": {"operator": "NAI", "rate": 0.02, "n_accepted": 4, "max_tries": 200},
+                     "extra_datasets": ["digits-c"], "detector_epochs": 3}
+    raw["graph"] = {"enabled": True, "train_dataset": "digits-lt100", "oe_dataset": "photo-oe", "epochs": 3, "hidden": 16,
+                    "ablations": ["pretrain", "gcn"]}
+    raw["explain"] = {"enabled": True, "methods": ["rap", "gradient"], "counts": {"wrong": 1, "uncertain": 2, "risky_ood": 2, "random": 1}}
+    summary = nightly.run(parse_config(raw))
+
+    feats = storage.read_table(shards.index_dirs(summary["stages"]["embed"], "features"))
+    for column, width in [("conductance", 64), ("gfeatures", 64), ("lcr_flips", 4)]:
+        assert feats.schema.field(column).type == pa.list_(pa.float32(), width)
+    assert feats.schema.field("lcr_mutants_used").type == pa.int16()
+    assert feats.schema.field("odin").type == pa.float32()
+    lcr = feats.column("lcr").to_numpy()
+    flips = storage.vector_to_numpy(feats.column("lcr_flips"))
+    np.testing.assert_allclose(lcr, flips.mean(1), atol=1e-6)  # no early stop: LCR over all 4 mutants
+
+    risks = pq.read_table(Path(summary["stages"]["errors"]) / "risks.parquet").to_pandas()
+    n_error_rows = int(np.isin(feats.column("dataset").to_numpy(zero_copy_only=False).astype(str), ["digits", "digits-c"]).sum())
+    assert len(risks) == n_error_rows and set(risks.part) == {"fit", "val", "test"}
+    assert {"risk_conductance", "risk_lcr", "risk_lcr_sprt", "risk_fusion_nn", "risk_fusion_qda"} <= set(risks.columns)
+    c_rows = risks[risks.dataset == "digits-c"]
+    src = c_rows.image_id.str.rsplit("/", n=1).str[1]
+    assert (c_rows.groupby(src).part.nunique() == 1).all()  # corrupted twins never straddle splits
+
+    g = pq.read_table(Path(summary["stages"]["graph"]) / "graph_scores.parquet").to_pandas()
+    assert set(g.method) == {"pretrain", "gcn"} and set(g.ood_set) == {"digits-near", "photo-patches", "noise"}
+    assert len(g[(g.method == "gcn") & (g.ood_set == "noise")]) == 30 + 30  # ID test ∪ that OOD set
+
+    maps = pq.read_table(Path(summary["stages"]["explain"]) / "maps.parquet").to_pandas()
+    assert len(maps) == 6 * 2 and set(maps.method) == {"rap", "gradient"}
+    assert maps["map"].iloc[0].dtype == np.float16 and len(maps["map"].iloc[0]) == 32 * 32
+    assert len(list(Path(summary["stages"]["explain"]).glob("maps_*.png"))) == 4
+
+    import mlflow
+
+    mlflow.set_tracking_uri(summary["tracking_uri"])
+    runs = mlflow.search_runs(experiment_names=["t"])
+    children = set(runs[runs["tags.mlflow.parentRunId"] == summary["mlflow_run_id"]]["tags.method"])
+    assert {"odin", "line", "error/conductance", "error/fusion_lda", "lt/gcn", "explain"} <= children
