@@ -307,7 +307,7 @@ def run(cfg: JobConfig, schedule: str | None = None, config_path: str = "", embe
 
     summary = {
         "run_id": run_id, "experiment": cfg.experiment, "config": config_path, "config_hash": cfg.digest(),
-        "mlflow_run_id": mlflow_run_id, "tracking_uri": uri, "manifest": str(manifest_path), "manifest_hash": manifest_hash,
+        "mlflow_run_id": mlflow_run_id, "tracking_uri": tracking.redact_uri(uri), "manifest": str(manifest_path), "manifest_hash": manifest_hash,
         "model_hash": model_hash, "stages": stages.paths, "reused": stages.reused, "seconds": stages.seconds,
         "counts": stages.counts, "total_seconds": round(time.time() - started, 2),
     }

@@ -25,6 +25,16 @@ def tracking_uri(configured: str | None, output: Path) -> str:
     return f"sqlite:///{output.resolve() / 'mlflow.db'}"
 
 
+def redact_uri(uri: str | None) -> str | None:
+    """``postgresql://user:secret@host/db`` → ``postgresql://user:***@host/db``: tracking URIs
+    are printed and written to last_run.json, passwords never are."""
+    if not uri:
+        return uri
+    import re
+
+    return re.sub(r"(://[^:/@]+):[^@/]+@", r"\1:***@", uri)
+
+
 def git_sha() -> str:
     try:
         return subprocess.run(

@@ -59,3 +59,11 @@ def test_file_hash(tmp_path):
     (tmp_path / "b").write_bytes(b"hello!")
     assert storage.file_hash(tmp_path / "a") != storage.file_hash(tmp_path / "b")
     assert len(storage.file_hash(tmp_path / "a")) == 16
+
+
+def test_tracking_uri_passwords_are_redacted():
+    from jobs.tracking import redact_uri
+
+    assert redact_uri("postgresql://ood:s3cret@db.internal:5432/mlflow") == "postgresql://ood:***@db.internal:5432/mlflow"
+    assert redact_uri("sqlite:////tmp/out/mlflow.db") == "sqlite:////tmp/out/mlflow.db"
+    assert redact_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
