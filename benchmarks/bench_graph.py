@@ -30,7 +30,7 @@ import torch
 
 warnings.filterwarnings("ignore")
 
-from oodlib.graph.gcn import GraphNet, GraphNetConfig, node_loss  # noqa: E402
+from oodlib.graph.gcn import GraphNet, GraphNetConfig, TrainConfig, node_loss, train_full_batch  # noqa: E402,F401  (used by the memory probe subprocess)
 from oodlib.graph.knn_graph import cosine_knn, knn_edge_index, neighbour_recall, normalized_adjacency  # noqa: E402
 
 D, C, K = 512, 10, 7
