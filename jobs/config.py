@@ -21,6 +21,14 @@ class ConfigError(ValueError):
     """An invalid job configuration; the message names the offending field."""
 
 
+def known_names(values: list[str], known, what: str) -> list[str]:
+    """``values`` if every one is in ``known``, else a ValueError listing the unknown ones."""
+    unknown = [v for v in values if v not in known]
+    if unknown:
+        raise ValueError(f"unknown {what}(s) {unknown}; known: {sorted(known)}")
+    return values
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -160,10 +168,7 @@ class GraphConfig(Strict):
     def _known(cls, v: list[str]) -> list[str]:
         from oodlib.graph.ltood import ABLATIONS
 
-        unknown = [a for a in v if a not in ABLATIONS]
-        if unknown:
-            raise ValueError(f"unknown ablation(s) {unknown}; known: {sorted(ABLATIONS)}")
-        return v
+        return known_names(v, ABLATIONS, "ablation")
 
 
 class ExplainConfig(Strict):
@@ -185,10 +190,7 @@ class ExplainConfig(Strict):
     def _known(cls, v: list[str]) -> list[str]:
         from oodlib.attribution import METHODS
 
-        unknown = [m for m in v if m not in METHODS]
-        if unknown:
-            raise ValueError(f"unknown method(s) {unknown}; known: {list(METHODS)}")
-        return v
+        return known_names(v, METHODS, "method")
 
 
 class MutantConfig(Strict):
