@@ -149,19 +149,53 @@ def _blocks(table: pa.Table, rows: int) -> list[pa.Table]:
 
 def run_embed(
     rows: pa.Table, shard_targets: dict[int, StageDir], spec: ModelSpec, batch_size: int, num_actors: int,
-    num_gpus: float, num_cpus: float, scratch: Path,
+    num_gpus: float, num_cpus: float, scratch: Path, identities: dict[int, list[str]] | None = None,
+    reuse: dict[int, tuple[Path, list[str]]] | None = None,
 ) -> dict[int, dict]:
     """Embed the manifest ``rows`` (with a ``shard`` column) through a Ray Data actor pool and
-    commit each shard's ``features/`` (partitioned by dataset) and ``quarantine/`` to
-    ``shard_targets[shard]``. Returns per-shard counts ``{"input", "features", "quarantined"}``;
-    a shard whose counts do not reconcile is not committed.
+    commit each shard's ``features/`` (partitioned by dataset), ``quarantine/`` and ``rows/`` (the
+    identities of its input rows) to ``shard_targets[shard]``.
+
+    ``reuse[shard] = (previous shard dir, image ids)``: rows whose identity is unchanged since that
+    committed shard are copied from it instead of embedded again (``rows`` holds only the rest).
+    Returns per-shard counts ``{"input", "features", "quarantined", "reused"}``; a shard whose
+    counts do not reconcile is not committed.
     """
+    scratch.mkdir(parents=True, exist_ok=True)
+    reuse = reuse or {}
+    bad = embed_rows(rows, spec, batch_size, num_actors, num_gpus, num_cpus, scratch) if rows.num_rows else None
+    n_in = np.bincount(rows.column("shard").to_numpy(), minlength=max(shard_targets) + 1)
+    counts = {}
+    for shard, target in shard_targets.items():
+        features_dir = scratch / "features" / f"shard={shard}"
+        mine = bad.filter(pa.compute.equal(bad.column("shard"), shard)) if bad is not None and bad.num_rows else None
+        quarantined = [_quarantine_rows(mine)] if mine is not None else []
+        n_reused = 0
+        if shard in reuse:
+            prev, ids = reuse[shard]
+            n_reused = copy_rows(prev, ids, features_dir, quarantined)
+        counts[shard] = {
+            "input": int(n_in[shard]) + n_reused, "features": parquet_rows(features_dir),  # what is on disk
+            "quarantined": sum(t.num_rows for t in quarantined), "reused": n_reused,
+        }
+        if counts[shard]["features"] + counts[shard]["quarantined"] != counts[shard]["input"]:
+            raise RuntimeError(f"EMBED shard {shard}: row counts do not reconcile: {counts[shard]}")
+        quarantine_dir = scratch / "quarantine" / f"shard={shard}"
+        write_table(pa.concat_tables(quarantined) if quarantined else QUARANTINE_SCHEMA.empty_table(), quarantine_dir)
+        rows_dir = scratch / "rows" / f"shard={shard}"
+        write_table(pa.table({"identity": pa.array((identities or {}).get(shard, []), pa.string())}), rows_dir)
+        commit_shard(target, {"features": features_dir, "quarantine": quarantine_dir, "rows": rows_dir}, counts[shard])
+    return counts
+
+
+def embed_rows(rows: pa.Table, spec: ModelSpec, batch_size: int, num_actors: int, num_gpus: float, num_cpus: float, scratch: Path) -> pa.Table:
+    """The Ray Data pass: feature rows to ``scratch/features/shard=…/dataset=…``; returns the
+    quarantined rows (image_id, dataset, split, shard, quarantine_reason)."""
     import ray
     from ray.data import ActorPoolStrategy
     from ray.data.expressions import col
 
-    ds = ray.data.from_arrow(_blocks(rows, batch_size))
-    out = ds.map_batches(
+    out = ray.data.from_arrow(_blocks(rows, batch_size)).map_batches(
         EmbedActor,
         fn_constructor_kwargs={"spec": spec, "num_threads": int(num_cpus)},
         batch_size=batch_size,
@@ -170,26 +204,32 @@ def run_embed(
         num_gpus=num_gpus,
         num_cpus=num_cpus,
     ).materialize()
-    scratch.mkdir(parents=True, exist_ok=True)
     good = out.filter(expr=col("quarantine_reason").is_null()).drop_columns(["quarantine_reason"])
     good.write_parquet(str(scratch / "features"), partition_cols=["shard", "dataset"])
-    bad = pa.Table.from_pylist(
+    return pa.Table.from_pylist(
         out.filter(expr=col("quarantine_reason").is_not_null())
         .select_columns(["image_id", "dataset", "split", "shard", "quarantine_reason"]).take_all()
     )
-    n_in = np.bincount(rows.column("shard").to_numpy(), minlength=max(shard_targets) + 1)
-    n_bad = np.bincount(bad.column("shard").to_numpy(), minlength=len(n_in)) if bad.num_rows else np.zeros_like(n_in)
-    counts = {}
-    for shard, target in shard_targets.items():
-        written = parquet_rows(scratch / "features" / f"shard={shard}")  # what is on disk, not what we meant
-        counts[shard] = {"input": int(n_in[shard]), "features": written, "quarantined": int(n_bad[shard])}
-        if counts[shard]["features"] + counts[shard]["quarantined"] != counts[shard]["input"]:
-            raise RuntimeError(f"EMBED shard {shard}: row counts do not reconcile: {counts[shard]}")
-        quarantine_dir = scratch / "quarantine" / f"shard={shard}"
-        mine = bad.filter(pa.compute.equal(bad.column("shard"), shard)) if bad.num_rows else bad
-        write_table(_quarantine_rows(mine), quarantine_dir)
-        commit_shard(target, {"features": scratch / "features" / f"shard={shard}", "quarantine": quarantine_dir}, counts[shard])
-    return counts
+
+
+def copy_rows(prev: Path, ids: list[str], features_dir: Path, quarantined: list[pa.Table]) -> int:
+    """Copy the rows of ``ids`` from a previously committed shard: features into ``features_dir``
+    (by dataset), quarantine rows appended to ``quarantined``. Returns how many rows were found."""
+    import pyarrow.dataset as pads
+    import pyarrow.parquet as pq
+
+    wanted = pa.array(ids, pa.string())
+    old = pads.dataset(prev / "features", format="parquet", partitioning="hive").to_table(filter=pads.field("image_id").isin(wanted))
+    if old.num_rows:
+        pq.write_to_dataset(old, features_dir, partition_cols=["dataset"], basename_template="reused-{i}.parquet")
+    q = pq.read_table(prev / "quarantine")
+    q = q.filter(pa.compute.is_in(q.column("image_id"), wanted))
+    if q.num_rows:
+        quarantined.append(q.cast(QUARANTINE_SCHEMA))
+    found = old.num_rows + q.num_rows
+    if found != len(ids):
+        raise RuntimeError(f"EMBED reuse: {len(ids)} rows expected in {prev}, found {found}")
+    return found
 
 
 def _quarantine_rows(bad: pa.Table) -> pa.Table:

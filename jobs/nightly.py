@@ -358,12 +358,31 @@ def run_embed_stage(
     t0 = time.time()
     shard_no = shards.shard_of(selected.column("image_id").to_pylist(), cfg.embed.num_shards)
     selected = selected.append_column("shard", pa.array(shard_no))
+    identities = shards.row_identities(selected)
     stage_cfg = {"model": model_hash, "preprocess": repr(model.preprocess), "extras": extras_key}
-    keys = {s: storage.content_key("embed-shard", embed.STAGE_VERSION, shard=h, **stage_cfg) for s, h in shards.shard_hashes(selected, shard_no).items()}
+    keys = {s: storage.content_key("embed-shard", embed.STAGE_VERSION, shard=h, **stage_cfg)
+            for s, h in shards.shard_hashes(selected, shard_no, identities).items()}
     root = Path(cfg.output) / cfg.experiment / "embed"
     targets = {s: storage.StageDir(root / "shards", k) for s, k in keys.items()}
     todo = {s: t for s, t in targets.items() if not t.done}
-    print(f"[embed] recomputing {len(todo)} of {len(targets)} shards", flush=True)
+    # the last committed version of each shard under the same model and config: its unchanged rows
+    # are copied, so adding images re-embeds only the new ones
+    latest = root / "latest" / storage.content_key("embed-config", embed.STAGE_VERSION, shards=cfg.embed.num_shards, **stage_cfg)
+    by_shard: dict[int, list[int]] = {}
+    for i, s in enumerate(shard_no.tolist()):
+        by_shard.setdefault(s, []).append(i)
+    fresh = np.ones(selected.num_rows, bool)
+    reuse: dict[int, tuple[Path, list[str]]] = {}
+    for s in todo:
+        prev = shards.previous_shard(latest, s)
+        if prev is not None:
+            known = shards.committed_identities(prev)
+            same = [i for i in by_shard[s] if identities[i] in known]
+            fresh[same] = False
+            reuse[s] = (prev, [identities[i].split("\x1f", 1)[0] for i in same])
+    n_fresh = int(fresh[np.isin(shard_no, list(todo))].sum()) if todo else 0
+    print(f"[embed] recomputing {len(todo)} of {len(targets)} shards ({n_fresh} images to embed, "
+          f"{sum(len(r[1]) for r in reuse.values())} reused from earlier versions of those shards)", flush=True)
     if todo:
         init_ray()
         import ray
@@ -375,15 +394,18 @@ def run_embed_stage(
         # waves of shards, each committed when done: a crash loses at most one wave's work
         for w in range(0, len(order), cfg.embed.shards_per_wave):
             wave = order[w : w + cfg.embed.shards_per_wave]
-            rows = selected.filter(pc.is_in(selected.column("shard"), pa.array(wave, pa.int32())))
+            mask = np.isin(shard_no, wave) & fresh
             embed.run_embed(
-                rows, {s: todo[s] for s in wave}, spec, cfg.embed.batch_size, cfg.embed.num_actors,
+                selected.filter(pa.array(mask)), {s: todo[s] for s in wave}, spec, cfg.embed.batch_size, cfg.embed.num_actors,
                 num_gpus, cfg.embed.cpus_per_actor, scratch / f"embed-{w}",
+                identities={s: [identities[i] for i in by_shard[s]] for s in wave}, reuse={s: reuse[s] for s in wave if s in reuse},
             )
+            for s in wave:
+                shards.set_previous_shard(latest, s, todo[s].path)
             print(f"[embed] committed {min(w + len(wave), len(order))} of {len(order)} shards", flush=True)
     per_shard = {s: json.loads((t.path / "counts.json").read_text()) for s, t in targets.items()}
     counts = {k: sum(c[k] for c in per_shard.values()) for k in ("input", "features", "quarantined")}
-    counts.update(shards_total=len(targets), shards_recomputed=len(todo))
+    counts.update(shards_total=len(targets), shards_recomputed=len(todo), images_embedded=n_fresh)
     index = storage.StageDir(root, storage.content_key("embed", embed.STAGE_VERSION, shards=sorted(keys.values())))
     reused = index.done
     if not reused:

@@ -41,15 +41,20 @@ def row_digest(image: bytes | None, path: str | None) -> str:
         return f"{path}:missing"
 
 
-def shard_hashes(table: pa.Table, shards: np.ndarray) -> dict[int, str]:
-    """Content hash (16 hex chars) of every non-empty shard of a manifest table."""
-    ids = table.column("image_id").to_pylist()
-    meta = zip(ids, table.column("dataset").to_pylist(), table.column("split").to_pylist(),
+def row_identities(table: pa.Table) -> list[str]:
+    """Per manifest row: id, dataset, split, label, subset and content digest in one string —
+    equal identities mean an EMBED output row can be reused as it is."""
+    meta = zip(table.column("image_id").to_pylist(), table.column("dataset").to_pylist(), table.column("split").to_pylist(),
                table.column("label").to_pylist(), table.column("subset").to_pylist(),
                table.column("image").to_pylist(), table.column("path").to_pylist())
+    return [f"{iid}\x1f{ds}\x1f{sp}\x1f{lab}\x1f{sub}\x1f{row_digest(img, path)}" for iid, ds, sp, lab, sub, img, path in meta]
+
+
+def shard_hashes(table: pa.Table, shards: np.ndarray, identities: list[str] | None = None) -> dict[int, str]:
+    """Content hash (16 hex chars) of every non-empty shard of a manifest table."""
     rows: dict[int, list[str]] = {}
-    for s, (iid, ds, sp, lab, sub, img, path) in zip(shards.tolist(), meta):
-        rows.setdefault(s, []).append(f"{iid}\x1f{ds}\x1f{sp}\x1f{lab}\x1f{sub}\x1f{row_digest(img, path)}")
+    for s, ident in zip(shards.tolist(), identities or row_identities(table)):
+        rows.setdefault(s, []).append(ident)
     return {s: hashlib.sha256("\x1e".join(sorted(r)).encode()).hexdigest()[:16] for s, r in rows.items()}
 
 
@@ -69,6 +74,30 @@ def write_index(target: StageDir, shard_dirs: list[Path], meta: dict) -> None:
     """Commit a stage index listing its shard directories (the stage is complete only now)."""
     with target.writing() as tmp:
         (tmp / "index.json").write_text(json.dumps({"shards": [str(p) for p in shard_dirs], **meta}, indent=1))
+
+
+def previous_shard(latest: Path, shard: int) -> Path | None:
+    """The last committed directory of shard number ``shard`` under one EMBED config, if any."""
+    pointer = latest / f"shard={shard}.json"
+    if not pointer.is_file():
+        return None
+    path = Path(json.loads(pointer.read_text())["path"])
+    return path if (path / "_SUCCESS").is_file() and (path / "rows").is_dir() else None
+
+
+def set_previous_shard(latest: Path, shard: int, path: Path) -> None:
+    """Point shard number ``shard`` at its newest committed directory (written via rename)."""
+    latest.mkdir(parents=True, exist_ok=True)
+    tmp = latest / f".shard={shard}.json.tmp"
+    tmp.write_text(json.dumps({"path": str(path)}))
+    os.replace(tmp, latest / f"shard={shard}.json")
+
+
+def committed_identities(shard_dir: Path) -> set[str]:
+    """Row identities (:func:`row_identities`) of the input rows of a committed shard."""
+    import pyarrow.parquet as pq
+
+    return set(pq.read_table(shard_dir / "rows").column("identity").to_pylist())
 
 
 def index_dirs(index_path: Path, sub: str) -> list[Path]:

@@ -43,7 +43,7 @@ def test_pipeline_end_to_end_and_reuse(tmp_path, ray_local):
     assert all(Path(p, "_SUCCESS").is_file() for p in summary["stages"].values())
     counts = summary["counts"]["embed"]
     # 3 ID splits + 3 OOD sets, 40 each
-    assert counts == {"input": 240, "features": 240, "quarantined": 0, "shards_total": 4, "shards_recomputed": 4}
+    assert counts == {"input": 240, "features": 240, "quarantined": 0, "shards_total": 4, "shards_recomputed": 4, "images_embedded": 240}
 
     feature_dirs = shards.index_dirs(summary["stages"]["embed"], "features")
     feats = storage.read_table(feature_dirs).to_pandas()
@@ -190,12 +190,22 @@ def test_incremental_run_recomputes_only_affected_shards(tmp_path, ray_local, di
 
     affected = len(set(shards.shard_of(new.image_ids, 16).tolist()))
     assert second["counts"]["embed"]["shards_recomputed"] == affected < 16
+    assert second["counts"]["embed"]["images_embedded"] == 3  # the rest of those shards is copied
     assert second["reused"]["fit"] is True  # only test images were added: the detectors are not refitted
     assert second["counts"]["embed"]["features"] == first["counts"]["embed"]["features"] + 3
     s1 = storage.read_table(shards.index_dirs(first["stages"]["score"], "scores")).to_pandas().set_index("image_id")
     s2 = storage.read_table(shards.index_dirs(second["stages"]["score"], "scores")).to_pandas().set_index("image_id")
     assert set(s2.index) == set(s1.index) | set(new.image_ids)
     np.testing.assert_array_equal(s2.loc[s1.index, "score_msp"], s1.score_msp)
+    f1 = storage.read_table(shards.index_dirs(first["stages"]["embed"], "features")).to_pandas().set_index("image_id")
+    f2 = storage.read_table(shards.index_dirs(second["stages"]["embed"], "features")).to_pandas().set_index("image_id")
+    np.testing.assert_array_equal(np.stack(f2.loc[f1.index, "features"]), np.stack(f1.features))  # copied rows intact
+
+    # a changed image (same id, new bytes) is re-embedded; its unchanged shard-mates are copied
+    changed = ImageSet("noise", "test", near.images[3:4], np.full(1, -1), [new.image_ids[0]])
+    pq.write_table(manifest_from_image_sets([*base, ImageSet(new.dataset, new.split, new.images[1:], new.labels[1:], new.image_ids[1:]), changed]), tmp_path / "m.parquet")
+    third = nightly.run(parse_config(raw))
+    assert third["counts"]["embed"]["shards_recomputed"] == 1 and third["counts"]["embed"]["images_embedded"] == 1
 
 
 def test_all_stages_integrate(tmp_path, ray_local):
