@@ -97,9 +97,7 @@ class ModelConfig(Strict):
     @field_validator("name")
     @classmethod
     def _known(cls, v: str) -> str:
-        if v not in MODELS:
-            raise ValueError(f"unknown model {v!r}; known: {list(MODELS)}")
-        return v
+        return known_names([v], MODELS, "model")[0]
 
     @field_validator("weights")
     @classmethod
@@ -139,9 +137,7 @@ class DetectorConfig(Strict):
     @field_validator("name")
     @classmethod
     def _known(cls, v: str) -> str:
-        if v not in DETECTORS:
-            raise ValueError(f"unknown detector {v!r}; known: {sorted(DETECTORS)}")
-        return v
+        return known_names([v], DETECTORS, "detector")[0]
 
 
 class GraphConfig(Strict):

@@ -522,9 +522,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--schedule", default=None, help="tag for the MLflow runs (manual, nightly, …)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    return exit_code(lambda: run(load_config(args.config, parse_overrides(args.set)), args.schedule, args.config))
+
+
+def exit_code(action) -> int:
+    """Run ``action``; input problems (config, manifest, weights) print a message and give exit
+    code 2 instead of a traceback. Shared by every job entry point."""
     try:
-        cfg = load_config(args.config, parse_overrides(args.set))
-        run(cfg, args.schedule, args.config)
+        action()
     except (ConfigError, ManifestError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

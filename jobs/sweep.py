@@ -111,15 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", required=True, metavar="DETECTOR.PARAM=v1,v2,…")
     parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE", help="config override (as jobs.nightly --set)")
     args = parser.parse_args(argv)
-    try:
-        from jobs.nightly import parse_overrides
+    from jobs.nightly import exit_code, parse_overrides
 
-        cfg = load_config(args.config, parse_overrides(args.override))
-        run_sweep(cfg, [parse_axis(a) for a in args.set], args.config)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_code(lambda: run_sweep(load_config(args.config, parse_overrides(args.override)), [parse_axis(a) for a in args.set], args.config))
 
 
 if __name__ == "__main__":
