@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import os
+import secrets
 import shutil
 import sys
 import time
@@ -25,7 +26,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import yaml
 
-from jobs import embed, errors, evaluate, explain, fit, graph, score, shards, storage, tracking
+# jobs.errors, jobs.graph and jobs.explain are imported by the stage that uses them: they pull in
+# scikit-learn, torch-geometric and torchvision, seconds a job without those stages should not pay
+from jobs import embed, evaluate, fit, score, shards, storage, tracking
 from jobs.extras import ExtraSpec
 from jobs.config import ConfigError, JobConfig, load_config
 from oodlib.data.digits import build_digits
@@ -174,13 +177,43 @@ def load_job_model(cfg: JobConfig) -> ModelAdapter:
 # --- Ray ---
 
 
+def private_token_file(path: Path | None = None, create: bool = True) -> Path | None:
+    """Make the default Ray token file (``~/.ray/auth_token``) owner-only.
+
+    Ray writes a generated token with the process umask (often world-readable), and whoever can
+    read it can run code on the cluster. With no token given by ``$RAY_AUTH_TOKEN`` or
+    ``$RAY_AUTH_TOKEN_PATH``, this creates the file with mode 0600 when it is missing and ``create``
+    (256 random bits, as Ray generates them; not when joining a cluster, whose token must be given)
+    and removes group/other access when it has any. Returns the file it manages, or None when the
+    token comes from the environment.
+    """
+    if os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        return None
+    path = path or Path.home() / ".ray" / "auth_token"
+    if not create and not path.exists():
+        return None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        if path.stat().st_mode & 0o077:
+            log.warning("%s was readable by other users; restricting it to its owner (0600)", path)
+            path.chmod(0o600)
+    else:
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
+    return path
+
+
 def init_ray() -> None:
-    """Connect to ``$RAY_ADDRESS`` (or the cluster this job was submitted to), else start local Ray."""
+    """Connect to ``$RAY_ADDRESS`` (or the cluster this job was submitted to), else start local Ray
+    with token authentication (an owner-only token file)."""
     import ray
 
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_AUTH_MODE", "token")
+    private_token_file(create=not os.environ.get("RAY_ADDRESS"))
     ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=True, include_dashboard=False if not os.environ.get("RAY_ADDRESS") else None)
 
 
@@ -212,6 +245,8 @@ def run_explain_stage(
     cfg: JobConfig, model: ModelAdapter, model_hash: str, selected: pa.Table, scores_key: str, score_dirs: list[Path], stages: StageLog,
 ) -> list[Path]:
     """EXPLAIN a selected sample (reused when scores, model and explain config are unchanged)."""
+    from jobs import explain
+
     t0 = time.time()
     key = storage.content_key("explain", explain.STAGE_VERSION, scores=scores_key, model=model_hash, explain=cfg.explain.model_dump())
     target = storage.stage_dir(cfg.output, cfg.experiment, "explain", key)
@@ -229,6 +264,8 @@ def run_explain_stage(
 
 def run_errors_stage(cfg: JobConfig, features: dict[str, Path], stages: StageLog) -> pd.DataFrame:
     """ERRORS: error detectors, fusions and tables (reused when features and config are unchanged)."""
+    from jobs import errors
+
     t0 = time.time()
     key = storage.content_key("errors", errors.STAGE_VERSION, features=sorted(features), errors=cfg.errors.model_dump(), id=cfg.data.id_dataset)
     target = storage.stage_dir(cfg.output, cfg.experiment, "errors", key)
@@ -242,6 +279,8 @@ def run_errors_stage(cfg: JobConfig, features: dict[str, Path], stages: StageLog
 
 def run_graph_stage(cfg: JobConfig, model: ModelAdapter, features: dict[str, Path], stages: StageLog) -> pd.DataFrame:
     """GRAPH on the long-tailed set (reused when the features and the graph config are unchanged)."""
+    from jobs import graph
+
     t0 = time.time()
     key = storage.content_key(
         "graph", graph.STAGE_VERSION, features=sorted(features), graph=cfg.graph.model_dump(),
@@ -330,6 +369,8 @@ def embed_extras(cfg: JobConfig, selected: pa.Table, model: ModelAdapter, model_
             extras.append(("odin", dict(d.params), None))
             keys["odin"] = dict(d.params)
     if cfg.errors.enabled:
+        from jobs import errors
+
         e = cfg.errors
         extras.append(("conductance", {"layer": e.layer, "n_steps": e.n_steps, "method": e.method}, None))
         keys["conductance"] = {"layer": e.layer, "n_steps": e.n_steps, "method": e.method}
@@ -340,6 +381,8 @@ def embed_extras(cfg: JobConfig, selected: pa.Table, model: ModelAdapter, model_
         stages.paths["mutants"] = str(path)
         stages.seconds["mutants"] = round(time.time() - t0, 2)
     if cfg.graph.enabled:
+        from jobs import graph
+
         t0 = time.time()
         lt = graph.lt_train_rows(selected, cfg.graph.train_dataset)
         gmodel, path = graph.gaussianized_model(cfg, lt, model, model_hash, id_rows_hash(lt))

@@ -11,8 +11,12 @@ import subprocess
 import time
 from pathlib import Path
 
-import mlflow
 import pandas as pd
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param
+from mlflow.exceptions import MlflowException
+from mlflow.tracking.context.registry import resolve_tags
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 
 def tracking_uri(configured: str | None, output: Path) -> str:
@@ -45,10 +49,15 @@ def git_sha() -> str:
         return "unknown"
 
 
-def start_parent(uri: str, experiment: str, run_name: str, tags: dict[str, str]) -> mlflow.ActiveRun:
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment(experiment)
-    return mlflow.start_run(run_name=run_name, tags=tags)
+def experiment_id(client: MlflowClient, name: str) -> str:
+    """The id of experiment ``name``, created when missing (a concurrent creator wins the race)."""
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name)
+    except MlflowException:
+        return client.get_experiment_by_name(name).experiment_id
 
 
 def _chunks(items: list, size: int):
@@ -56,20 +65,28 @@ def _chunks(items: list, size: int):
         yield items[i : i + size]
 
 
-def log_child(
-    name: str, tags: dict[str, str], params: dict, metrics: pd.DataFrame, artifacts: list[Path]
+def log_run(
+    client: MlflowClient, exp_id: str, name: str, tags: dict[str, str], params: dict | None = None,
+    metrics: dict[str, float] | None = None, artifacts: list[Path] = (), parent_id: str | None = None,
 ) -> str:
-    """A nested run for one method: params, ``{dataset}.{metric}`` metrics, artifacts. Returns its id."""
-    with mlflow.start_run(run_name=name, nested=True, tags={**tags, "method": name}) as child:
-        items = list({k: str(v) for k, v in params.items()}.items())
-        for chunk in _chunks(items, 100):
-            mlflow.log_params(dict(chunk))
-        values = {f"{r.dataset}.{r.metric}": float(r.value) for r in metrics.itertuples()}
-        for chunk in _chunks(list(values.items()), 1000):
-            mlflow.log_metrics(dict(chunk))
-        for path in artifacts:
-            mlflow.log_artifact(str(path))
-        return child.info.run_id
+    """One run: tags, params, metrics and artifacts in as few store calls as MLflow's
+    batch limits allow (100 params, 1000 metrics a call); a child when ``parent_id`` is given.
+    The run is left RUNNING for the caller to terminate. Returns its id."""
+    tags = {**tags, **({MLFLOW_PARENT_RUN_ID: parent_id} if parent_id else {})}
+    run_id = client.create_run(exp_id, tags=tags, run_name=name).info.run_id
+    stamp = int(time.time() * 1000)
+    for chunk in _chunks([Param(k, str(v)) for k, v in (params or {}).items()], 100):
+        client.log_batch(run_id, params=chunk)
+    for chunk in _chunks([Metric(k, float(v), stamp, 0) for k, v in (metrics or {}).items()], 1000):
+        client.log_batch(run_id, metrics=chunk)
+    for path in artifacts:
+        client.log_artifact(run_id, str(path))
+    return run_id
+
+
+def child_metrics(rows: pd.DataFrame) -> dict[str, float]:
+    """``{dataset}.{metric}`` → value for a child run's rows (columns dataset, metric, value)."""
+    return {f"{r.dataset}.{r.metric}": float(r.value) for r in rows.itertuples()}
 
 
 def log_job(
@@ -77,38 +94,45 @@ def log_job(
     explain_artifacts: list[Path] = (),
 ) -> str:
     """The parent run of one job (params, accuracy and count metrics, tables) and one child per
-    detector. Returns the parent run id."""
+    detector, error method, long-tail variant and explanation. Returns the parent run id; a
+    failure while logging marks the parent FAILED."""
+    client = MlflowClient(uri)
+    exp_id = experiment_id(client, cfg.experiment)
     run_name = f"{cfg.experiment}-{time.strftime('%Y%m%d-%H%M%S')}"
-    with start_parent(uri, cfg.experiment, run_name, tags) as parent:
-        mlflow.log_params(
-            {"config": config_path, "model": cfg.model.name, "id_dataset": cfg.data.id_dataset, "ood_datasets": ",".join(cfg.data.ood_datasets)}
-        )
-        acc = metrics[metrics.task == "classify"]
-        mlflow.log_metrics({f"acc.{r.dataset.replace('/', '.')}": float(r.value) for r in acc.itertuples()})
-        mlflow.log_metrics({f"count.{k}": float(v) for k, v in counts.items()})
-        mlflow.log_artifact(str(eval_dir.path / "metrics.parquet"))
-        mlflow.log_artifact(str(eval_dir.path / "results.md"))
+    acc = metrics[metrics.task == "classify"]
+    parent = log_run(
+        client, exp_id, run_name, resolve_tags(tags),
+        params={"config": config_path, "model": cfg.model.name, "id_dataset": cfg.data.id_dataset, "ood_datasets": ",".join(cfg.data.ood_datasets)},
+        metrics={**{f"acc.{r.dataset.replace('/', '.')}": r.value for r in acc.itertuples()}, **{f"count.{k}": v for k, v in counts.items()}},
+        artifacts=[eval_dir.path / "metrics.parquet", eval_dir.path / "results.md"],
+    )
+    children = []
+    try:
         for key, det in detectors.items():
             rows = metrics[(metrics.task == "ood") & (metrics.method == key)]
-            log_child(key, tags, {"detector": det.name, **det.params()}, rows, [eval_dir.path / "plots" / f"{key}.png"])
+            children.append((key, {"detector": det.name, **det.params()}, rows, [eval_dir.path / "plots" / f"{key}.png"]))
         for method, rows in metrics[metrics.task == "error"].groupby("method", sort=False):
-            log_child(f"error/{method}", tags, {"errors": cfg.errors.model_dump_json()}, rows, [])
-        lt = metrics[metrics.task == "ood-lt"]
-        for method, rows in lt.groupby("method", sort=False):
-            log_child(f"lt/{method}", tags, {"variant": method, **cfg.graph.model_dump(exclude={"ablations", "enabled"})}, rows, [])
+            children.append((f"error/{method}", {"errors": cfg.errors.model_dump_json()}, rows, []))
+        for method, rows in metrics[metrics.task == "ood-lt"].groupby("method", sort=False):
+            children.append((f"lt/{method}", {"variant": method, **cfg.graph.model_dump(exclude={"ablations", "enabled"})}, rows, []))
         if explain_artifacts:
             loc = [p for p in explain_artifacts if p.name == "localization.parquet"]
             rows = pd.DataFrame(columns=["dataset", "metric", "value"])
             if loc:
                 table = pd.read_parquet(loc[0]).melt(id_vars="method", var_name="metric", value_name="value")
                 rows = table.rename(columns={"method": "dataset"}).assign(dataset=lambda d: d.dataset.str.replace("[", "_").str.replace("]", "").str.replace("+", "_"))
-            log_child("explain", tags, cfg.explain.model_dump(), rows, list(explain_artifacts))
-        return parent.info.run_id
+            children.append(("explain", cfg.explain.model_dump(), rows, list(explain_artifacts)))
+        for name, params, rows, artifacts in children:
+            child = log_run(client, exp_id, name, {**tags, "method": name}, params, child_metrics(rows), artifacts, parent_id=parent)
+            client.set_terminated(child)
+    except BaseException:
+        client.set_terminated(parent, "FAILED")
+        raise
+    client.set_terminated(parent)
+    return parent
 
 
 def log_summary(uri: str, run_id: str, summary: dict) -> None:
     """Attach the per-run summary (counts, quarantined rows, stage durations, throughput) to the
     parent run as ``run_summary.json``."""
-    mlflow.set_tracking_uri(uri)
-    with mlflow.start_run(run_id=run_id):
-        mlflow.log_dict(summary, "run_summary.json")
+    MlflowClient(uri).log_dict(run_id, summary, "run_summary.json")

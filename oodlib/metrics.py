@@ -5,7 +5,8 @@ OOD scores are ID-confidences (higher = more ID); error risks are higher = more 
 from __future__ import annotations
 
 import numpy as np
-from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
+
+# scikit-learn is imported where it is used: a job whose EVALUATE is reused need not load it
 
 OOD_METRICS = ("fpr95", "fpr95_oodpos", "auroc", "aupr_in", "aupr_out")
 
@@ -45,6 +46,8 @@ def fpr_at_95_tpr_ood_positive(id_scores: np.ndarray, ood_scores: np.ndarray, tp
     y = np.r_[np.zeros(len(s_id)), np.ones(len(s_ood))]
     # drop_intermediate=False: every threshold is kept, so this is exactly the first threshold
     # (in decreasing risk) whose TPR reaches the target — collinear points are not skipped.
+    from sklearn.metrics import roc_curve
+
     fpr, tpr_curve, _ = roc_curve(y, -np.r_[s_id, s_ood], drop_intermediate=False)
     return float(fpr[np.searchsorted(tpr_curve, tpr, side="left")])
 
@@ -55,6 +58,8 @@ def ood_metrics(id_scores: np.ndarray, ood_scores: np.ndarray) -> dict[str, floa
     AUROC is with ID positive; ``aupr_in`` is average precision with ID positive on the score as
     is, ``aupr_out`` with OOD positive on −score.
     """
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
     s_id, s_ood = _check_scores(id_scores, ood_scores)
     y_id = np.r_[np.ones(len(s_id)), np.zeros(len(s_ood))]
     s = np.r_[s_id, s_ood]
@@ -103,6 +108,8 @@ def head_tail_accuracy(labels: np.ndarray, preds: np.ndarray, train_counts: np.n
 
 def error_auroc(wrong: np.ndarray, risk: np.ndarray) -> float:
     """AUROC of ``risk`` for detecting wrong predictions (``wrong`` = 1)."""
+    from sklearn.metrics import roc_auc_score
+
     return float(roc_auc_score(np.asarray(wrong, int), np.asarray(risk, np.float64)))
 
 

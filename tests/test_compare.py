@@ -8,7 +8,7 @@ The store (built once per module, no Ray): experiment ``cmp`` with, oldest → n
 * a FAILED parent after r3 (a crashed job), which must be skipped
 
 Each job run: a parent run (tags, acc/count metrics) and one nested child per detector logged with
-``jobs.tracking.start_parent`` / ``jobs.tracking.log_child`` (metrics ``{set}.{metric}``, ``avg.*``).
+``jobs.tracking.log_run`` (metrics ``{set}.{metric}``, ``avg.*``).
 """
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ def _child_metrics(v: tuple[float, float, float, float]) -> pd.DataFrame:
 
 def _log_job(uri: str, name: str, schedule: str, failed: bool = False, explain: bool = False) -> str:
     """One job's MLflow records, as ``jobs.tracking.log_job`` writes them."""
-    import mlflow
+    from mlflow import MlflowClient
 
     from jobs import tracking
 
@@ -63,18 +63,20 @@ def _log_job(uri: str, name: str, schedule: str, failed: bool = False, explain: 
         "config_hash": "c1", "oodlib_run_id": f"oid-{name}", "model": "digits-cnn",
     }
     values = VALUES.get(name, VALUES["r1"])
-    with tracking.start_parent(uri, EXP, f"{EXP}-{name}", tags) as parent:
-        mlflow.log_params({"config": "configs/x.yaml", "model": "digits-cnn", "id_dataset": "digits", "ood_datasets": "near,far"})
-        mlflow.log_metrics({"acc.digits": 0.99, "acc.digits.val": 0.98})
-        mlflow.log_metrics({"count.input": 100.0, "count.features": 100.0, "count.quarantined": 0.0})
-        for key, v in values.items():
-            tracking.log_child(key, tags, {"detector": key}, _child_metrics(v), [])
-        if explain:  # a child without OOD metrics: not a detector to compare
-            tracking.log_child("explain", tags, {"n": 4}, pd.DataFrame({"dataset": ["lrp"], "metric": ["pointing"], "value": [0.5]}), [])
-        if failed:
-            mlflow.log_metric("count.input", 1.0)
-            mlflow.end_run(status="FAILED")
-        return parent.info.run_id
+    client = MlflowClient(uri)
+    exp_id = tracking.experiment_id(client, EXP)
+    parent = tracking.log_run(
+        client, exp_id, f"{EXP}-{name}", tags,
+        params={"config": "configs/x.yaml", "model": "digits-cnn", "id_dataset": "digits", "ood_datasets": "near,far"},
+        metrics={"acc.digits": 0.99, "acc.digits.val": 0.98, "count.input": 1.0 if failed else 100.0, "count.features": 100.0, "count.quarantined": 0.0},
+    )
+    children = [(key, {"detector": key}, _child_metrics(v)) for key, v in values.items()]
+    if explain:  # a child without OOD metrics: not a detector to compare
+        children.append(("explain", {"n": 4}, pd.DataFrame({"dataset": ["lrp"], "metric": ["pointing"], "value": [0.5]})))
+    for key, params, rows in children:
+        client.set_terminated(tracking.log_run(client, exp_id, key, {**tags, "method": key}, params, tracking.child_metrics(rows), parent_id=parent))
+    client.set_terminated(parent, "FAILED" if failed else "FINISHED")
+    return parent
 
 
 @pytest.fixture(scope="module")

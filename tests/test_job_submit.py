@@ -28,8 +28,10 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory):
     """A Ray head (token auth, dashboard on 127.0.0.1) in its own process group."""
+    from jobs.nightly import private_token_file
+
     env = {**os.environ, "RAY_AUTH_MODE": "token"}
-    subprocess.run([RAY, "get-auth-token", "--generate"], env=env, check=True, capture_output=True)
+    private_token_file()  # the owner-only token file every local job start makes; Ray must accept it
     dash, gcs = free_port(), free_port()
     temp = tmp_path_factory.mktemp("ray")
     proc = subprocess.Popen(

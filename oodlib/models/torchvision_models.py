@@ -9,7 +9,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import torchvision
 from torch import nn
 
 from oodlib.models.base import CIFAR_PREPROCESS, IMAGENET_PREPROCESS, ModelAdapter, Preprocess
@@ -93,6 +92,8 @@ def build_torchvision(
     """
     if name not in _SPLITTERS:
         raise KeyError(f"unknown model {name!r}; known: {TORCHVISION_MODELS}")
+    import torchvision  # here, not at module level: importing it costs seconds a cached re-run does not need
+
     builder = getattr(torchvision.models, name)
     if weights is not None and not Path(str(weights)).suffix and not Path(str(weights)).exists():
         try:
