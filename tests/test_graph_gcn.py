@@ -13,8 +13,10 @@ from oodlib.graph.gcn import (
     GraphNet,
     GraphNetConfig,
     TrainConfig,
+    aggregate,
     load_graph_net,
     oe_loss,
+    relu_dropout,
     sample_subgraph,
     save_graph_net,
     train_full_batch,
@@ -73,6 +75,100 @@ def test_graphnet_eval_forward_matches_manual(graph):
     torch.testing.assert_close(net(x, adj, torch.sparse.mm(adj, x))[0], logits, rtol=1e-5, atol=1e-5)
 
 
+def _pyg_reference(net: GraphNet) -> torch.nn.Module:
+    """The same network on torch-geometric's default path: GCNConv(h, edge_index), F.relu, F.dropout."""
+
+    class Ref(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = torch.nn.ModuleList(GCNConv(c.in_channels, c.out_channels) for c in net.layers)
+            self.bns = torch.nn.ModuleList(torch.nn.BatchNorm1d(b.num_features) for b in net.bns)
+
+        def forward(self, x, ei):
+            h = x
+            for i, conv in enumerate(self.layers):
+                h = self.bns[i](conv(h, ei))
+                if i < len(self.layers) - 1:
+                    h = F.dropout(F.relu(h), net.cfg.dropout, self.training)
+            return h
+
+    ref = Ref()
+    ref.load_state_dict(net.state_dict())
+    return ref
+
+
+def _grads(module, loss):
+    module.zero_grad()
+    loss.backward()
+    return {k: p.grad.clone() for k, p in module.named_parameters()}
+
+
+def test_training_forward_and_gradients_equal_pyg_default_path(graph):
+    x, _, ei, adj = graph
+    torch.manual_seed(0)
+    net = GraphNet(GraphNetConfig(16, 3, hidden=8, dropout=0.0)).train()
+    ref = _pyg_reference(net).train()
+    w = torch.randn(len(x), 3)
+    out, ref_out = net(x, adj)[0], ref(x, ei)
+    torch.testing.assert_close(out, ref_out, rtol=1e-4, atol=1e-5)
+    g, ref_g = _grads(net, (out * w).sum()), _grads(ref, (ref_out * w).sum())
+    for k in ref_g:
+        torch.testing.assert_close(g[k], ref_g[k], rtol=1e-4, atol=1e-5)
+
+
+def test_cached_first_layer_equals_uncached_forward_and_gradients(graph):
+    x, _, _, adj = graph
+    torch.manual_seed(0)
+    net = GraphNet(GraphNetConfig(16, 3, hidden=8)).train()  # dropout 0.6: same masks via the same seed
+    w = torch.randn(len(x), 3)
+    results = []
+    for ax in (None, torch.sparse.mm(adj, x)):
+        torch.manual_seed(1)
+        logits, emb = net(x, adj, ax)
+        results.append((logits, emb, _grads(net, (logits * w).sum())))
+    (l0, e0, g0), (l1, e1, g1) = results
+    torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(e1, e0, rtol=1e-5, atol=1e-5)
+    for k in g0:
+        torch.testing.assert_close(g1[k], g0[k], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_aggregate_forward_and_gradients_equal_dense(graph, symmetric):
+    adj = graph[3]
+    if not symmetric:  # a neighbour-sampled sub-adjacency (rows rescaled, not symmetric)
+        _, adj = sample_subgraph(adj, torch.arange(30), (2, 2), torch.Generator().manual_seed(0))
+    n = adj.shape[0]
+    a = adj.to_dense()
+    assert symmetric == bool((a == a.T).all())
+    h = torch.randn(n, 5, requires_grad=True)
+    b = torch.randn(5, requires_grad=True)
+    w = torch.randn(n, 5)
+    out = aggregate(adj, h, b, None if symmetric else adj.t().to_sparse_csr())
+    torch.testing.assert_close(out, a @ h + b, rtol=1e-5, atol=1e-6)
+    got = torch.autograd.grad((out * w).sum(), (h, b))
+    want = torch.autograd.grad(((a @ h + b) * w).sum(), (h, b))
+    for g, r in zip(got, want, strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
+
+
+def test_relu_dropout_distribution_and_gradient():
+    torch.manual_seed(0)
+    h = torch.randn(400, 500, requires_grad=True)
+    p = 0.6
+    out = relu_dropout(h, p, training=True)
+    relu = torch.relu(h.detach())
+    kept = out != 0
+    torch.testing.assert_close(out[kept], relu[kept] / (1 - p))  # kept entries are scaled by 1/(1−p)
+    assert not kept[relu == 0].any()
+    frac = kept[relu > 0].float().mean().item()  # ~100k Bernoulli(0.4) draws: std 0.0015
+    assert abs(frac - (1 - p)) < 0.01
+    w = torch.randn_like(h)
+    (grad,) = torch.autograd.grad((out * w).sum(), h)
+    torch.testing.assert_close(grad, torch.where(kept, w / (1 - p), 0.0))
+    torch.testing.assert_close(relu_dropout(h, p, training=False), torch.relu(h))
+
+
 def test_mlp_has_the_gcn_parameter_count():
     count = lambda kind: sum(p.numel() for p in GraphNet(GraphNetConfig(512, 10, kind=kind)).parameters())
     assert count("mlp") == count("gcn") == 512 * 512 + 512 + 512 * 512 + 512 + 512 * 10 + 10 + 2 * (2 * 512) + 2 * 10
@@ -115,7 +211,7 @@ def test_sampled_subgraph_with_full_fanout_is_exact(graph):
 def test_sampled_subgraph_respects_fanout(graph):
     _, _, _, adj = graph
     seeds = torch.arange(10)
-    nodes, sub = sample_subgraph(adj, seeds, (2,), torch.Generator().manual_seed(1))
+    _nodes, sub = sample_subgraph(adj, seeds, (2,), torch.Generator().manual_seed(1))
     d = sub.to_dense()
     per_row = (d[:10] != 0).sum(1) - 1  # minus the self-loop
     full = (adj.to_dense()[:10] != 0).sum(1) - 1

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from oodlib.faiss_index import exact_self_knn, inner_product_index, l2_normalize
 from oodlib.graph.knn_graph import (
     cosine_knn,
     cosine_knn_graph,
@@ -16,7 +17,7 @@ from oodlib.graph.knn_graph import (
 
 
 def brute_cosine_knn(x: np.ndarray, k: int) -> np.ndarray:
-    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+    xn = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)  # zero rows stay zero
     sims = xn.astype(np.float64) @ xn.T.astype(np.float64)
     return np.argsort(-sims, axis=1, kind="stable")[:, :k]
 
@@ -35,6 +36,25 @@ def test_exact_knn_equals_brute_force(points):
     xn = points / np.linalg.norm(points, axis=1, keepdims=True)
     np.testing.assert_allclose(sims, np.take_along_axis(xn @ xn.T, idx, 1), atol=1e-5)
     assert (np.diff(sims, axis=1) <= 1e-6).all()
+
+
+def test_symmetric_tiled_search_equals_faiss_flat_and_brute_force(points):
+    xn = l2_normalize(points[:203])
+    sims, idx = exact_self_knn(xn, k=6, block=64)  # 4×4 tiles, partial last row/column of tiles
+    ref_sims, ref_idx = inner_product_index(xn, "flat", device="cpu").search(xn, 6)
+    assert (np.sort(idx, 1) == np.sort(ref_idx, 1)).all()
+    assert (np.sort(idx, 1) == np.sort(brute_cosine_knn(points[:203], 6), 1)).all()
+    np.testing.assert_allclose(sims, ref_sims, atol=1e-6)
+
+
+def test_zero_rows_have_similarity_zero(points):
+    x = points.copy()
+    x[3] = 0.0
+    sims, idx = cosine_knn(x, k=5)
+    ref = brute_cosine_knn(x, 5)
+    others = np.arange(len(x)) != 3
+    assert (np.sort(idx[others], 1) == np.sort(ref[others], 1)).all()  # top-5 sims are > 0 here
+    assert 3 in idx[3] and np.all(sims[3] == 0.0)
 
 
 def test_duplicates_keep_a_self_loop():

@@ -4,8 +4,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from oodlib.data.longtail import long_tail_counts
-from oodlib.data.longtail import class_counts, head_classes, long_tail_split, read_index_list
+from oodlib.data.longtail import (
+    class_counts,
+    head_classes,
+    long_tail_counts,
+    long_tail_split,
+    read_index_list,
+)
 from oodlib.graph.evaluate import neighbour_stats, neighbour_stats_by_class
 from oodlib.metrics import head_tail_accuracy
 

@@ -14,7 +14,14 @@ from oodlib.graph.gaussianize import (
     recalibrate_bn,
     save_bn_state,
 )
-from oodlib.graph.gcn import GraphNet, GraphNetConfig, TrainConfig, load_graph_net, oe_loss, save_graph_net
+from oodlib.graph.gcn import (
+    GraphNet,
+    GraphNetConfig,
+    TrainConfig,
+    load_graph_net,
+    oe_loss,
+    save_graph_net,
+)
 from oodlib.graph.knn_graph import (
     cosine_knn,
     cosine_knn_graph,

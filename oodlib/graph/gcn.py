@@ -8,18 +8,31 @@ Architecture (paper / official code ``GCN1``), for ``num_layers = 3``::
     h2 = Dropout(ReLU(BN(GCNConv(h1, Â))))      # hidden → hidden   (= the node *embedding*)
     z  = BN(GCNConv(h2, Â))                      # hidden → C        (logit BN: official code)
 
-``GCNConv(h, Â) = Â (h W) + b`` with the cached normalized adjacency Â (sparse CSR). Because the
-input features never change, the first layer's aggregation ``Â x`` is computed once and reused
-every epoch: ``GCNConv(x, Â) = (Â x) W + b``. The MLP (``kind="mlp"``) is the same network with
-``nn.Linear`` layers and no aggregation — exactly the GCN's parameter count; ``kind="linear"`` is
-a single ``nn.Linear`` D → C (the "Pre-train" / "Pre-train+Gau." baselines).
+``GCNConv(h, Â) = Â (h W) + b`` with the cached normalized adjacency Â (sparse CSR). The GCN layers
+keep torch-geometric's ``GCNConv`` parameters (``lin.weight``, ``bias``) but are evaluated by
+:func:`aggregate`, whose backward uses Âᵀ = Â directly (no sparse transpose per step). Because the
+input features never change and are not dropped out (dropout follows ReLU), the first layer is
+``(Â x) W + b`` with ``Â x`` computed once for all epochs. The MLP (``kind="mlp"``) is the same
+network with ``nn.Linear`` layers and no aggregation — exactly the GCN's parameter count;
+``kind="linear"`` is a single ``nn.Linear`` D → C (the "Pre-train" / "Pre-train+Gau." baselines).
+
+ReLU + dropout is one autograd function (:func:`relu_dropout`) whose mask comes from
+``torch.rand`` (``bernoulli_`` is ~4× slower on the CPU) and whose backward is a single product.
+Full-batch training runs under :func:`reuse_freed_memory`: with glibc, every freed activation
+(50k×512 floats = 100 MB) is otherwise returned to the OS and page-faulted back on the next
+allocation, which costs more than the arithmetic of an elementwise op.
 
 Loss: ``CE(z[train], y[train]) + λ · OE(z[oe])`` with ``OE(z) = mean_i (logsumexp(z_i) − mean_c z_ic)``
 = cross-entropy to the uniform distribution (λ = 0.5). Score = MSP of softmax(z) (ID-confidence).
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import itertools
 import json
+import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -75,12 +88,16 @@ class GraphNet(nn.Module):
         else:
             dims = [cfg.in_dim] + [cfg.hidden] * (cfg.num_layers - 1) + [cfg.num_classes]
         make = (lambda i, o: GCNConv(i, o, normalize=False)) if cfg.kind == "gcn" else nn.Linear
-        self.layers = nn.ModuleList(make(i, o) for i, o in zip(dims[:-1], dims[1:]))
+        self.layers = nn.ModuleList(make(i, o) for i, o in itertools.pairwise(dims))
         n_bn = len(self.layers) - 1 + int(cfg.logit_bn and cfg.kind != "linear")
         self.bns = nn.ModuleList(nn.BatchNorm1d(d) for d in dims[1 : 1 + n_bn])
 
     def forward(
-        self, x: torch.Tensor, adj: torch.Tensor | None = None, ax: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        adj: torch.Tensor | None = None,
+        ax: torch.Tensor | None = None,
+        adj_t: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits and embedding of N nodes.
 
@@ -88,6 +105,8 @@ class GraphNet(nn.Module):
             x: node features N×D.
             adj: normalized adjacency Â (sparse CSR N×N); required for ``kind="gcn"``.
             ax: optional cached ``Â x`` (N×D) for the first GCN layer.
+            adj_t: Âᵀ (sparse CSR) for the backward pass; ``None`` = Â is symmetric (every graph
+                from :func:`~oodlib.graph.knn_graph.normalized_adjacency`).
         Returns:
             (logits N×C, embedding = last hidden layer after ReLU/dropout, N×hidden; for
             ``kind="linear"`` the input features).
@@ -97,16 +116,82 @@ class GraphNet(nn.Module):
         for i, layer in enumerate(self.layers):
             if self.cfg.kind != "gcn":
                 h = layer(h)
-            elif i == 0 and ax is not None:
-                h = layer.lin(ax) + layer.bias
+            elif i == 0:
+                ax = torch.sparse.mm(adj, x) if ax is None else ax
+                h = torch.addmm(layer.bias, ax, layer.lin.weight.T)
             else:
-                h = layer(h, adj)
+                h = aggregate(adj, h @ layer.lin.weight.T, layer.bias, adj_t)
             if i < last:
-                h = F.dropout(F.relu(self.bns[i](h)), self.cfg.dropout, self.training)
+                h = relu_dropout(self.bns[i](h), self.cfg.dropout, self.training)
                 emb = h
             elif i < len(self.bns):
                 h = self.bns[i](h)
         return h, emb
+
+
+class _Aggregate(torch.autograd.Function):
+    """``Â h + b`` with a given Âᵀ for the backward pass (no gradient for Â)."""
+
+    @staticmethod
+    def forward(ctx, adj, adj_t, h, bias):
+        ctx.adj_t = adj_t
+        return torch.sparse.mm(adj, h).add_(bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None, None, torch.sparse.mm(ctx.adj_t, grad), grad.sum(0)
+
+
+def aggregate(adj: torch.Tensor, h: torch.Tensor, bias: torch.Tensor, adj_t: torch.Tensor | None = None) -> torch.Tensor:
+    """GCN aggregation ``Â h + b`` (N×F) of sparse CSR Â (N×M), h (M×F), bias (F,); ``adj_t`` = Âᵀ
+    for the backward pass, ``None`` when Â is symmetric."""
+    return _Aggregate.apply(adj, adj if adj_t is None else adj_t, h, bias)
+
+
+class _ReluDropout(torch.autograd.Function):
+    """``relu(h) · m`` with m = 1/(1−p) on kept entries (probability 1 − p) and 0 elsewhere."""
+
+    @staticmethod
+    def forward(ctx, h, p):
+        keep = 1.0 - p
+        u = torch.rand_like(h).masked_fill_(h <= 0, 1.0)  # ReLU's zeros: u = 1 is never kept
+        m = u.lt_(keep).mul_(1.0 / keep)
+        ctx.save_for_backward(m)
+        return h * m
+
+    @staticmethod
+    def backward(ctx, grad):
+        (m,) = ctx.saved_tensors
+        return grad * m, None
+
+
+def relu_dropout(h: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """``F.dropout(F.relu(h), p, training)`` (same distribution, other random stream), fused."""
+    if not training or p == 0:
+        return F.relu(h)
+    return _ReluDropout.apply(h, p)
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc mallopt parameters
+_GLIBC_DEFAULTS = {_M_TRIM_THRESHOLD: 128 * 1024, _M_MMAP_MAX: 65536}
+
+
+@contextmanager
+def reuse_freed_memory():
+    """Within the block, glibc keeps freed large blocks for reuse (no mmap, no trimming); on exit
+    the defaults come back and the kept memory is returned to the OS. No-op without glibc."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        ok = libc.mallopt(_M_MMAP_MAX, 0) and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
+    except (OSError, AttributeError):
+        libc, ok = None, False
+    try:
+        yield
+    finally:
+        if ok:
+            for param, value in _GLIBC_DEFAULTS.items():
+                libc.mallopt(param, value)
+            libc.malloc_trim(0)
 
 
 def oe_loss(logits: torch.Tensor) -> torch.Tensor:
@@ -147,21 +232,25 @@ def train_full_batch(
 
     ``y`` (N,) int64 labels (ignored outside ``train``); ``train``/``oe`` (N,) bool masks; ``adj`` Â
     (required for a GCN). BatchNorm statistics are taken over every node of the graph (train, OE
-    and validation nodes), as in the official code. Returns the per-epoch loss history.
+    and validation nodes), as in the official code. Returns the per-epoch history: losses and the
+    epoch's wall time in seconds.
     """
     torch.manual_seed(tc.seed)
-    ax = torch.sparse.mm(adj, x) if net.cfg.kind == "gcn" else None
     opt, sched = _optimizer(net, tc)
     net.train()
     history = []
-    for _ in range(tc.epochs):
-        logits, _ = net(x, adj, ax)
-        loss, ce, o = node_loss(logits, y, train, oe, tc.oe_weight)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        history.append({"loss": loss.detach().item(), "ce": ce.detach().item(), "oe": o.detach().item()})
+    with reuse_freed_memory():
+        ax = torch.sparse.mm(adj, x) if net.cfg.kind == "gcn" else None
+        for _ in range(tc.epochs):
+            start = time.perf_counter()
+            logits, _ = net(x, adj, ax)
+            loss, ce, o = node_loss(logits, y, train, oe, tc.oe_weight)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            history.append({"loss": loss.item(), "ce": ce.item(), "oe": o.item(),
+                            "seconds": time.perf_counter() - start})
     net.eval()
     return history
 
@@ -261,7 +350,7 @@ def train_sampled(
         for i in range(0, len(order), tc.batch_size):
             seeds = order[i : i + tc.batch_size]
             nodes, sub = sample_subgraph(adj, seeds, tc.fanouts, gen)
-            logits, _ = net(x[nodes], sub, ax[nodes])
+            logits, _ = net(x[nodes], sub, ax[nodes], sub.t().to_sparse_csr())
             s = len(seeds)
             loss, _, _ = node_loss(logits[:s], y[seeds], train[seeds], oe[seeds], tc.oe_weight)
             opt.zero_grad(set_to_none=True)

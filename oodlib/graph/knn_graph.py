@@ -13,8 +13,9 @@ Conventions:
   symmetric adjacency with self-loops, D its degree; returned as a torch sparse CSR matrix and
   cached by the caller (it is the same for every epoch).
 
-Exact search (``index="flat"``) is a faiss ``IndexFlatIP`` (BLAS GEMM + heap selection); on a
-CUDA device with faiss-gpu the index moves to the GPU. ``"ivf"`` (IVF-Flat) and ``"hnsw"`` are
+Exact search (``index="flat"``) on the CPU is :func:`oodlib.faiss_index.exact_self_knn` (BLAS GEMM
+over the upper triangle of the Gram matrix + faiss heap selection); with all-zero rows present, or
+on a CUDA device with faiss-gpu, a faiss ``IndexFlatIP`` search (on the GPU). ``"ivf"`` (IVF-Flat) and ``"hnsw"`` are
 approximate indexes for very large node sets (> 1M); measure their recall against exact search on
 a sample with :func:`neighbour_recall`.
 """
@@ -25,7 +26,13 @@ import warnings
 import numpy as np
 import torch
 
-from oodlib.faiss_index import inner_product_index, l2_normalize
+from oodlib.faiss_index import (
+    exact_self_knn,
+    faiss_gpu,
+    inner_product_index,
+    l2_normalize,
+)
+
 
 def cosine_knn(
     x: np.ndarray | torch.Tensor,
@@ -55,8 +62,11 @@ def cosine_knn(
     n = len(xn)
     if not 1 <= k <= n:
         raise ValueError(f"k must lie in [1, N={n}], got {k}")
-    idx = inner_product_index(xn, index, nlist, nprobe, hnsw_m, ef_search, device=device)
-    sims, nbrs = idx.search(xn, k)
+    if index == "flat" and not faiss_gpu(device) and xn.any(axis=1).all():
+        sims, nbrs = exact_self_knn(xn, k)
+    else:
+        idx = inner_product_index(xn, index, nlist, nprobe, hnsw_m, ef_search, device=device)
+        sims, nbrs = idx.search(xn, k)
     rows = np.arange(n)
     nbrs = np.where(nbrs < 0, rows[:, None], nbrs).astype(np.int64)
     missing_self = ~(nbrs == rows[:, None]).any(axis=1)

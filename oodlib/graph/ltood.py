@@ -28,7 +28,12 @@ from oodlib.graph.gcn import (
     train_full_batch,
     train_sampled,
 )
-from oodlib.graph.knn_graph import cosine_knn, knn_edge_index, normalized_adjacency, random_batches
+from oodlib.graph.knn_graph import (
+    cosine_knn,
+    knn_edge_index,
+    normalized_adjacency,
+    random_batches,
+)
 
 ROLES = ("train", "oe", "val")
 
@@ -102,7 +107,7 @@ class GraphOOD:
         edge_index = knn_edge_index(nbrs)
         return edge_index, normalized_adjacency(edge_index, len(x)).to(self.device)
 
-    def fit(self, features: np.ndarray, labels: np.ndarray, role: np.ndarray) -> "GraphOOD":
+    def fit(self, features: np.ndarray, labels: np.ndarray, role: np.ndarray) -> GraphOOD:
         """Train on the training graph.
 
         Args:
@@ -173,7 +178,7 @@ class GraphOOD:
         save_graph_net(self.net_, path, extra=self.params())
 
     @classmethod
-    def load(cls, path: str | Path, device: str | torch.device = "auto") -> "GraphOOD":
+    def load(cls, path: str | Path, device: str | torch.device = "auto") -> GraphOOD:
         """A fitted estimator from :meth:`save`'s file."""
         net, p = load_graph_net(path)
         fanouts = tuple(int(f) for f in p["fanouts"].split(",")) if p["fanouts"] else None
