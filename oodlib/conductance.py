@@ -21,15 +21,23 @@ Cost: the model is split at L. Below L runs once, in inference mode, on B·n + 1
 baseline row is the same image, so it runs once); above L runs forward + backward on the B·n
 gradient rows. With the right-end rule the k = n rows *are* the ordinary forward, so
 :func:`conductance_forward` also returns the logits and features h of x at no extra cost.
+
+The part below L never needs gradients, so it runs as an inference copy (:func:`inference_trunk`):
+eval-mode BatchNorm folded into the preceding convolution and, on CPU, MKLDNN tensors (both exact
+up to float rounding; the copy is cached per model and layer and rebuilt when a weight changes
+in place).
 """
 from __future__ import annotations
 
+import copy
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
 from torch import nn
+from torch.fx.experimental.optimization import fuse
 
 from oodlib.models.base import ModelAdapter
 
@@ -90,14 +98,93 @@ class LayerSplit:
     needs_input: bool
 
 
-def split_at_layer(model: ModelAdapter, layer: str | None = None) -> LayerSplit:
-    """Cut ``model``'s backbone at the named layer (default: ``model.default_layer``)."""
+@dataclass
+class _Trunk:
+    """A cached inference runner with the weights it was built from (``tensors``: the source
+    module's parameters and buffers; ``pointers``, ``values``, ``versions``: their storage,
+    contents and in-place version counters then)."""
+
+    runner: Callable[[torch.Tensor], torch.Tensor]
+    tensors: list[torch.Tensor]
+    pointers: list[int]
+    values: list[torch.Tensor]
+    versions: list[int]
+
+    def still_valid(self, tensors: list[torch.Tensor]) -> bool:
+        """True when ``tensors`` hold the values the runner was built from. Versions are
+        checked first; a changed version (a mutant applied and reverted) compares contents."""
+        if len(tensors) != len(self.tensors) or any(
+            a is not b or a.data_ptr() != ptr for a, b, ptr in zip(tensors, self.tensors, self.pointers)
+        ):
+            return False
+        versions = [t._version for t in tensors]
+        if versions == self.versions:
+            return True
+        if all(torch.equal(t, v) for t, v in zip(tensors, self.values)):
+            self.versions = versions
+            return True
+        return False
+
+
+# inference runners of the part below a layer: model -> {layer name: _Trunk}
+_TRUNKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _mkldnn_runner(trunk: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``trunk`` run on oneDNN (MKLDNN) tensors: the blocked layout is kept between layers
+    instead of being reordered around every convolution (CPU, float32)."""
+    return lambda x: trunk(x.contiguous().to_mkldnn()).to_dense()
+
+
+def inference_trunk(model: ModelAdapter, name: str, below: nn.Sequential, example: torch.Tensor) -> Callable:
+    """An inference-only runner for ``below`` (the modules up to layer ``name``): a copy with
+    BatchNorm folded into the preceding conv (``torch.fx`` pattern fusion, eval statistics), run
+    on MKLDNN tensors on CPU when every op supports them (checked on ``example``, a batch of
+    inputs) and else as is. Cached per (model, layer); rebuilt when a weight of ``below`` changes
+    in place (it keeps a copy of ``below``'s weights to tell an exact restore from a change).
+    Without an fx trace it runs an unfolded copy (folding is only a speed-up)."""
+    tensors = [*below.parameters(), *below.buffers()]
+    cached = _TRUNKS.setdefault(model, {}).get(name)
+    if cached is not None and cached.still_valid(tensors):
+        return cached.runner
+    try:
+        trunk = fuse(below)  # a deep copy; ``below`` keeps its BatchNorms
+    except Exception:  # noqa: BLE001 -- fx raises assorted errors on untraceable control flow
+        trunk = copy.deepcopy(below)
+    trunk.requires_grad_(False)
+    runner: Callable = trunk
+    if example.device.type == "cpu" and example.dtype == torch.float32 and torch.backends.mkldnn.is_available():
+        probe = example[:2]
+        with torch.inference_mode():
+            try:
+                ok = torch.allclose(_mkldnn_runner(trunk)(probe), trunk(probe), rtol=1e-4, atol=1e-5)
+            except RuntimeError:  # an op without an MKLDNN kernel
+                ok = False
+        if ok:
+            runner = _mkldnn_runner(trunk)
+    _TRUNKS[model][name] = _Trunk(
+        runner, tensors, [t.data_ptr() for t in tensors], [t.detach().clone() for t in tensors], [t._version for t in tensors]
+    )
+    return runner
+
+
+def split_at_layer(model: ModelAdapter, layer: str | None = None, example: torch.Tensor | None = None) -> LayerSplit:
+    """Cut ``model``'s backbone at the named layer (default: ``model.default_layer``).
+
+    For Sequential backbones ``upper`` is the model's own modules above the layer and ``lower``
+    the ones below it, or — given ``example`` inputs — the cached inference runner of
+    :func:`inference_trunk` (then use ``lower`` without autograd only).
+    """
     module = model.layer(layer)
     if isinstance(model.backbone, nn.Sequential):
         parts = _split_sequential(model.backbone, module)
         if parts is not None:
-            below, above = nn.Sequential(*parts[0]), nn.Sequential(*parts[1])
-            return LayerSplit(lower=below, upper=lambda y, x: above(y), needs_input=False)
+            below = nn.Sequential(*parts[0])
+            lower = (
+                below if example is None else inference_trunk(model, layer or model.default_layer, below, example)
+            )
+            above = nn.Sequential(*parts[1])
+            return LayerSplit(lower=lower, upper=lambda y, x: above(y), needs_input=False)
 
     def lower(x: torch.Tensor) -> torch.Tensor:
         captured: list[torch.Tensor] = []
@@ -147,6 +234,16 @@ def _outputs_at_x(model: ModelAdapter, split: LayerSplit, x: torch.Tensor, y_x: 
         return h, model.head(h)
 
 
+def _path_points(x: torch.Tensor, alphas: list[float], extra_zero_rows: int) -> torch.Tensor:
+    """[0 (``extra_zero_rows`` rows); α₁·x; α₂·x; …] as one (z + len(alphas)·B)×… tensor."""
+    b, rest = x.shape[0], x.shape[1:]
+    pts = torch.empty((extra_zero_rows + len(alphas) * b, *rest), dtype=x.dtype, device=x.device)
+    pts[:extra_zero_rows] = 0
+    a = torch.tensor(alphas, dtype=x.dtype, device=x.device).view(-1, *[1] * x.dim())
+    torch.mul(a, x, out=pts[extra_zero_rows:].view(len(alphas), b, *rest))
+    return pts
+
+
 def _conductance_chunk(
     model: ModelAdapter,
     split: LayerSplit,
@@ -160,11 +257,10 @@ def _conductance_chunk(
     b, n = x.shape[0], len(alphas) - 1
     zero_first = alphas[0] == 0.0
     with torch.inference_mode():
-        # path points αₖ·x (zero baseline); the α = 0 rows are one shared all-zero image
+        # path points αₖ·x (zero baseline), written by one broadcast multiply; the α = 0 rows
+        # are one shared all-zero image
         first = 1 if zero_first else 0
-        pts = torch.cat([alpha * x for alpha in alphas[first:]])
-        if zero_first:
-            pts = torch.cat([torch.zeros_like(x[:1]), pts])
+        pts = _path_points(x, alphas[first:], extra_zero_rows=first)
         y_flat = split.lower(pts)
         y_rest = y_flat[first:].reshape(n + 1 - first, b, *y_flat.shape[1:])
         y = torch.cat([y_flat[:1].expand(1, b, *y_flat.shape[1:]), y_rest]) if zero_first else y_rest
@@ -201,9 +297,9 @@ def _run(
     if model.training:
         raise ValueError("conductance needs the model in eval mode (call model.eval())")
     alphas, side = path_alphas(method, n_steps)
-    split = split_at_layer(model, layer)
     device = next(model.parameters()).device
     x = x.to(device)
+    split = split_at_layer(model, layer, example=x)
     if target is not None:
         target = torch.as_tensor(target, device=device).long().view(-1)
         if len(target) != len(x):

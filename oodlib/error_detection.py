@@ -23,13 +23,21 @@ import numpy as np
 import pandas as pd
 import torch
 from scipy.special import expit, softmax
-from sklearn.discriminant_analysis import LinearDiscriminantAnalysis, QuadraticDiscriminantAnalysis
+from sklearn.discriminant_analysis import (
+    LinearDiscriminantAnalysis,
+    QuadraticDiscriminantAnalysis,
+)
 from sklearn.ensemble import RandomForestClassifier
 from sklearn.model_selection import StratifiedKFold
 from sklearn.neural_network import MLPClassifier
 
 from oodlib.device import resolve_device
-from oodlib.metrics import equal_recall_threshold, error_auroc, recalls_at, threshold_at_recall_correct
+from oodlib.metrics import (
+    equal_recall_threshold,
+    error_auroc,
+    recalls_at,
+    threshold_at_recall_correct,
+)
 
 SPLITS = ("fit", "val", "test")
 
@@ -95,7 +103,7 @@ class ConductanceErrorDetector:
 
     def fit(
         self, x: np.ndarray, wrong: np.ndarray, x_val: np.ndarray | None = None, wrong_val: np.ndarray | None = None
-    ) -> "ConductanceErrorDetector":
+    ) -> ConductanceErrorDetector:
         """Train on conductance ``x`` (N×K) with labels ``wrong`` (N,; 1 = wrong prediction).
 
         With a validation set, the weights of the epoch with the best validation AUROC are kept;
@@ -153,7 +161,7 @@ class ConductanceErrorDetector:
             state[f"b{i}"] = lin.bias.detach().cpu().numpy()
         return state
 
-    def load_state_dict(self, state: dict[str, np.ndarray]) -> "ConductanceErrorDetector":
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> ConductanceErrorDetector:
         n_linear = sum(k.startswith("w") for k in state)
         self.hidden = tuple(int(state[f"w{i}"].shape[0]) for i in range(n_linear - 1))
         self.mean_, self.std_ = np.asarray(state["mean"], np.float32), np.asarray(state["std"], np.float32)
@@ -249,7 +257,7 @@ class FusionDetector:
         self.state: dict[str, np.ndarray] = {}
         self.estimator_ = None  # the fitted scikit-learn model (in memory only; never persisted)
 
-    def fit(self, z: np.ndarray, wrong: np.ndarray) -> "FusionDetector":
+    def fit(self, z: np.ndarray, wrong: np.ndarray) -> FusionDetector:
         """Fit on z (N×2: LCR, conductance risk) and ``wrong`` (N,)."""
         wrong = _check_labels(wrong, f"fusion {self.kind}")
         z = np.asarray(z, np.float64)
@@ -305,7 +313,7 @@ class FusionDetector:
     def state_dict(self) -> dict[str, np.ndarray]:
         return dict(self.state)
 
-    def load_state_dict(self, state: dict[str, np.ndarray]) -> "FusionDetector":
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> FusionDetector:
         self.state = {k: np.asarray(v) for k, v in state.items()}
         return self
 

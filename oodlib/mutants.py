@@ -21,9 +21,9 @@ split is ≥ 0.9 × the original model's; seeds are tried in order 0, 1, 2, … 
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 import pandas as pd
@@ -79,7 +79,7 @@ def _pick_neurons(layers: list[nn.Module], rate: float, rng: np.random.Generator
     """k = max(1, round(rate·N)) neurons drawn uniformly from all N, grouped per layer."""
     sizes = np.array([m.weight.shape[0] for m in layers])
     total = int(sizes.sum())
-    chosen = np.sort(rng.choice(total, size=max(1, int(round(rate * total))), replace=False))
+    chosen = np.sort(rng.choice(total, size=max(1, round(rate * total)), replace=False))
     starts = np.r_[0, np.cumsum(sizes)[:-1]]
     owner = np.searchsorted(starts, chosen, side="right") - 1
     return [(layers[i], chosen[owner == i] - starts[i]) for i in np.unique(owner)]
@@ -88,7 +88,7 @@ def _pick_neurons(layers: list[nn.Module], rate: float, rng: np.random.Generator
 def _gaussian_fuzzing(layers: list[nn.Module], rate: float, rng: np.random.Generator) -> list[Patch]:
     sizes = np.array([m.weight.numel() for m in layers])
     total = int(sizes.sum())
-    chosen = np.sort(rng.choice(total, size=max(1, int(round(rate * total))), replace=False))
+    chosen = np.sort(rng.choice(total, size=max(1, round(rate * total)), replace=False))
     starts = np.r_[0, np.cumsum(sizes)[:-1]]
     owner = np.searchsorted(starts, chosen, side="right") - 1
     patches = []
@@ -203,7 +203,7 @@ class MutantSet:
         return self.table.copy()
 
     @classmethod
-    def from_frame(cls, table: pd.DataFrame, original_val_acc: float = float("nan")) -> "MutantSet":
+    def from_frame(cls, table: pd.DataFrame, original_val_acc: float = float("nan")) -> MutantSet:
         missing = set(TABLE_COLUMNS) - set(table.columns)
         if missing:
             raise ValueError(f"mutant table lacks columns {sorted(missing)}")

@@ -6,7 +6,12 @@ import pytest
 import torch
 from torch import nn
 
-from oodlib.conductance import METHODS, conductance_forward, layer_conductance, path_alphas
+from oodlib.conductance import (
+    METHODS,
+    conductance_forward,
+    layer_conductance,
+    path_alphas,
+)
 from oodlib.models.base import ModelAdapter
 
 
@@ -162,3 +167,37 @@ def test_path_alphas_and_errors(digits_model, batch):
             layer_conductance(digits_model, batch)
     finally:
         digits_model.eval()
+
+
+def test_inference_trunk_folds_and_follows_weight_changes(digits_model, batch):
+    """The cached BN-folded trunk gives Captum's values, also after an in-place weight change."""
+    from oodlib.conductance import split_at_layer
+
+    x = batch[:4]
+    split = split_at_layer(digits_model, "block3", example=x)
+    with torch.inference_mode():
+        torch.testing.assert_close(split.lower(x), digits_model.backbone[:3](x), rtol=1e-4, atol=1e-5)
+
+    def check():
+        target = digits_model(x).argmax(1)
+        ours = layer_conductance(digits_model, x, "block3", n_steps=4, method="left_riemann", target=target)
+        _assert_rel_close(ours, _captum(digits_model, x, "block3", 4, "riemann_trapezoid", target))
+        return ours
+
+    before = check()  # fills the cache
+    conv = digits_model.layer("block2")[0].weight
+    with torch.no_grad():
+        conv.mul_(-1)  # in place, as a mutant is applied
+    try:
+        assert not torch.allclose(check(), before)
+    finally:
+        with torch.no_grad():
+            conv.mul_(-1)
+    torch.testing.assert_close(check(), before)
+    # a mutant applied and reverted between two calls (as LCR does) leaves the cached trunk valid
+    from oodlib.mutants import Mutant, applied, mutant_patches
+
+    runner = split_at_layer(digits_model, "block3", example=x).lower
+    with applied(mutant_patches(digits_model, Mutant("NAI", 0.2, 0))):
+        pass
+    assert split_at_layer(digits_model, "block3", example=x).lower is runner
