@@ -10,7 +10,7 @@ from torch import nn
 
 from oodlib.attribution import attribute, build_program, make_rule
 from oodlib.attribution.engine import propagate
-from oodlib.attribution.graph import ConvCache, ConvOp, LinearOp, UnsupportedLayerError
+from oodlib.attribution.graph import ConvOp, LinearOp, UnsupportedLayerError, run
 from oodlib.attribution.rules import RAP, AttributionEquilibrium, shift_nonzero
 from oodlib.models.base import DIGITS_PREPROCESS, ModelAdapter
 
@@ -83,7 +83,7 @@ def _check_sequential_conservation(ops, record, start, tol=1e-4):
 )
 def test_conservation_per_layer_digits(digits_model, digits_x, method, options):
     program, record = build_program(digits_model), {}
-    rel, logits, t = propagate(digits_model, digits_x, make_rule(method, **options), None, program, record)
+    _, logits, t = propagate(digits_model, digits_x, make_rule(method, **options), None, program, record)
     _check_sequential_conservation(program, record, logits.gather(1, t[:, None])[:, 0])
 
 
@@ -106,7 +106,7 @@ def test_ae_keeps_stated_sum(digits_model, digits_x):
     """Sequential model: after every hidden 3×3 conv the sum is (γ−2)·τ (τ = 1)."""
     for gamma in (1.0, 1.5, 2.0):
         program, record = build_program(digits_model), {}
-        rel, _, _ = propagate(digits_model, digits_x, AttributionEquilibrium(gamma), None, program, record)
+        propagate(digits_model, digits_x, AttributionEquilibrium(gamma), None, program, record)
         for op in program:
             if isinstance(op, ConvOp) and not op.first:
                 s = record[op.name].sum((1, 2, 3))
@@ -155,11 +155,14 @@ def test_rap_conv_routes_negative_relevance_through_negative_weights():
     conv = nn.Conv2d(2, 1, 1, bias=False)
     with torch.no_grad():
         conv.weight.copy_(torch.tensor([1.0, -1.0]).view(1, 2, 1, 1))
-    op = ConvOp("c", conv)
+    op = ConvOp("c", conv, nonneg_input=True)
     x = torch.tensor([3.0, 1.0]).view(1, 2, 1, 1)
-    cache = ConvCache(x, torch.tensor(3.0).view(1, 1, 1, 1), torch.tensor(1.0).view(1, 1, 1, 1))
+    _, (cache,) = run([op], x, split=True)
+    assert (float(cache.zp), float(cache.zn)) == (3.0, 1.0)
     R = RAP().conv(op, cache, torch.tensor(-2.0).view(1, 1, 1, 1))
     assert torch.allclose(R.flatten(), torch.tensor([0.0, -2.0]))
+    with pytest.raises(UnsupportedLayerError, match="'c'"):
+        RAP().conv(ConvOp("c", conv), cache, torch.tensor(-2.0).view(1, 1, 1, 1))
 
 
 def test_shift_nonzero_hand_case():
@@ -175,8 +178,29 @@ def test_unsupported_layer_names_module():
         build_program(model)
 
 
+def test_grouped_conv_raises_naming_module():
+    backbone = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    model = ModelAdapter("m", backbone, nn.Linear(4, 2), {"c": backbone[0]}, "c", DIGITS_PREPROCESS)
+    with pytest.raises(UnsupportedLayerError, match=r"'backbone\.0'.*groups=2"):
+        build_program(model)
+
+
+def test_rap_needs_nonnegative_conv_inputs():
+    """A hidden conv fed by another conv (no ReLU between) gets signed inputs: RAP refuses it."""
+    backbone = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Conv2d(4, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    model = ModelAdapter("m", backbone, nn.Linear(4, 2), {"c": backbone[0]}, "c", DIGITS_PREPROCESS).eval()
+    with pytest.raises(UnsupportedLayerError, match="'backbone.1'"):
+        attribute(model, torch.randn(1, 1, 8, 8), "rap")
+
+
 def test_gradient_baselines_equal_captum(digits_model, digits_x):
-    from captum.attr import InputXGradient, IntegratedGradients, LayerAttribution, LayerGradCam, Saliency
+    from captum.attr import (
+        InputXGradient,
+        IntegratedGradients,
+        LayerAttribution,
+        LayerGradCam,
+        Saliency,
+    )
 
     t = digits_model(digits_x).argmax(1)
     g, _, _ = attribute(digits_model, digits_x, "gradient")

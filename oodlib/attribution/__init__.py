@@ -18,7 +18,13 @@ import torch
 from oodlib.attribution import baselines
 from oodlib.attribution.engine import _targets, propagate
 from oodlib.attribution.graph import UnsupportedLayerError, build_program
-from oodlib.attribution.rules import AE_TERMS, RAP, AttributionEquilibrium, LRPAlphaBeta, LRPEpsilon
+from oodlib.attribution.rules import (
+    AE_TERMS,
+    RAP,
+    AttributionEquilibrium,
+    LRPAlphaBeta,
+    LRPEpsilon,
+)
 
 PROPAGATION = ("rap", "ae", "lrp-eps", "lrp-a1b0", "lrp-a2b1")
 GRADIENT = ("gradient", "input-x-gradient", "integrated-gradients", "gradcam")

@@ -23,7 +23,7 @@ from oodlib.attribution.graph import (
     gap_index,
     run,
 )
-from oodlib.attribution.rules import AttributionEquilibrium, safe_div
+from oodlib.attribution.rules import AttributionEquilibrium, nan_to_zero_, safe_div
 
 
 def _maxpool_route(module: torch.nn.MaxPool2d, x: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
@@ -52,11 +52,11 @@ def backprop(ops: list, cache: list, R: torch.Tensor, rule, target: torch.Tensor
     """
     for op, c in zip(reversed(ops), reversed(cache)):
         if isinstance(op, ResidualOp):
-            ca, cb, ya, yb = c
-            share = safe_div(R, ya + yb)
+            ca, cb, ya, yb, y = c
+            share = nan_to_zero_(torch.div(R, y))  # safe R / y
             Ra = backprop(op.branch, ca, ya * share, rule, target, record)
-            Rb = backprop(op.shortcut, cb, yb * share, rule, target, record) if op.shortcut else yb * share
-            R = Ra + Rb
+            Rb = share.mul_(yb)
+            R = Ra + (backprop(op.shortcut, cb, Rb, rule, target, record) if op.shortcut else Rb)
         elif isinstance(op, ConvOp):
             R = rule.input_conv(op, c, R) if op.first else rule.conv(op, c, R)
         elif isinstance(op, LinearOp):

@@ -30,12 +30,14 @@ class UnsupportedLayerError(TypeError):
 
 @dataclass(eq=False)
 class ConvOp:
-    """``bn(conv(x))``. ``first`` marks the layer that receives the image (z^β rule)."""
+    """``bn(conv(x))``. ``first`` marks the layer that receives the image (z^β rule);
+    ``nonneg_input``: its input is ≥ 0 by construction (follows a ReLU, possibly through pooling)."""
 
     name: str
     conv: nn.Conv2d
     bn: nn.BatchNorm2d | None = None
     first: bool = False
+    nonneg_input: bool = False
 
     @property
     def weight(self) -> torch.Tensor:
@@ -57,9 +59,25 @@ class ConvOp:
         return F.conv2d(x, w, None, c.stride, c.padding, c.dilation)
 
     def conv2d_t(self, s: torch.Tensor, w: torch.Tensor, x_shape: torch.Size) -> torch.Tensor:
-        """Transposed convolution of ``s`` (B×Co×h×w) with ``w`` back to ``x_shape`` (B×Ci×H×W)."""
+        """Transposed convolution of ``s`` (B×Co×h×w) with ``w`` back to ``x_shape`` (B×Ci×H×W).
+
+        1×1 convolutions on large maps (h·w ≥ 28², where it is faster on CPU) are a matrix product
+        on the strided grid; otherwise ``conv_transpose2d`` with the output padding that restores H×W.
+        """
         c = self.conv
-        return torch.nn.grad.conv2d_input(x_shape, w, s, c.stride, c.padding, c.dilation)
+        b, _, h, wd = s.shape
+        if self.pointwise and tuple(c.padding) == (0, 0) and h * wd >= 28 * 28:
+            g = torch.matmul(w.flatten(1).T, s.flatten(2)).view(b, -1, h, wd)
+            if tuple(c.stride) == (1, 1):
+                return g
+            out = s.new_zeros(x_shape)
+            out[:, :, :: c.stride[0], :: c.stride[1]] = g
+            return out
+        pad = [
+            size - ((n - 1) * st - 2 * p + d * (k - 1) + 1)
+            for size, n, st, p, d, k in zip(x_shape[2:], (h, wd), c.stride, c.padding, c.dilation, w.shape[2:])
+        ]
+        return F.conv_transpose2d(s, w, None, c.stride, c.padding, pad, 1, c.dilation)
 
     def post(self, z: torch.Tensor) -> torch.Tensor:
         """Conv bias and BatchNorm applied to the bias-free convolution output ``z``."""
@@ -183,7 +201,26 @@ def build_program(model: nn.Module) -> list:
     if not isinstance(first, ConvOp):
         raise UnsupportedLayerError(f"the first layer {first.name!r} must be a Conv2d (z^β input rule)")
     first.first = True
+    _mark_nonneg(ops, False)
     return ops
+
+
+def _mark_nonneg(ops: list, nonneg: bool) -> bool:
+    """Set ``ConvOp.nonneg_input`` from the structure (ReLU → ≥ 0, pooling keeps the sign, conv /
+    linear / residual sum do not); ``nonneg``: whether the input of ``ops`` is ≥ 0. Returns the
+    same for their output."""
+    for op in ops:
+        if isinstance(op, ResidualOp):
+            _mark_nonneg(op.branch, nonneg)
+            _mark_nonneg(op.shortcut, nonneg)
+            nonneg = False
+        elif isinstance(op, ConvOp):
+            op.nonneg_input, nonneg = nonneg, False
+        elif isinstance(op, ReLUOp):
+            nonneg = True
+        elif isinstance(op, LinearOp):
+            nonneg = False
+    return nonneg
 
 
 def gap_index(ops: list) -> int:
@@ -196,33 +233,38 @@ def gap_index(ops: list) -> int:
 
 @dataclass
 class ConvCache:
-    """What a conv rule needs: input ``x`` and, in split mode, Z⁺ = conv(x, w⁺), |Z⁻| = −conv(x, w⁻)."""
+    """What a conv rule needs: input ``x`` and, in split mode, the stacked weights w = [w⁺; |w⁻|]
+    (2Co×Ci×kh×kw), Z⁺ = conv(x, w⁺) and |Z⁻| = −conv(x, w⁻) (B×Co×h×w views of one tensor)."""
 
     x: torch.Tensor
     zp: torch.Tensor | None = None
     zn: torch.Tensor | None = None
+    w: torch.Tensor | None = None
 
 
 def run(ops: list, x: torch.Tensor, split: bool = False) -> tuple[torch.Tensor, list]:
     """Forward through ``ops`` recording what the backward rules need.
 
     ``split``: hidden convolutions compute Z⁺ and |Z⁻| (raw weights, no bias) in one convolution
-    with stacked weights [w⁺; w⁻] and form the pre-activation as Z⁺ − |Z⁻| (RAP's denominators).
+    with stacked weights [w⁺; |w⁻|] and form the pre-activation as Z⁺ − |Z⁻| (RAP's denominators).
+    Residual ops record (branch cache, shortcut cache, branch output, shortcut output, their sum).
     Returns (output, cache list aligned with ``ops``).
     """
     cache: list = []
+    fresh = False  # x was made by the previous op and is not recorded: a ReLU may overwrite it
     for op in ops:
         if isinstance(op, ResidualOp):
             ya, ca = run(op.branch, x, split)
             yb, cb = run(op.shortcut, x, split) if op.shortcut else (x, [])
-            cache.append((ca, cb, ya, yb))
             x = ya + yb
+            cache.append((ca, cb, ya, yb, x))
         elif isinstance(op, ConvOp):
             if split and not op.first:
                 w = op.weight
-                zz = op.conv2d(x, torch.cat([w.clamp(min=0), w.clamp(max=0)]))
-                zp, zn = zz[:, : w.shape[0]], -zz[:, w.shape[0] :]
-                cache.append(ConvCache(x, zp, zn))
+                ws = torch.cat([w.clamp(min=0), w.clamp(max=0).neg_()])
+                zz = op.conv2d(x, ws)
+                zp, zn = zz[:, : w.shape[0]], zz[:, w.shape[0] :]
+                cache.append(ConvCache(x, zp, zn, ws))
                 x = op.post(zp - zn)
             else:
                 cache.append(ConvCache(x))
@@ -235,8 +277,9 @@ def run(ops: list, x: torch.Tensor, split: bool = False) -> tuple[torch.Tensor, 
             x = op.module(x)
         elif isinstance(op, ReLUOp):
             cache.append(None)
-            x = F.relu(x)
+            x = F.relu(x, inplace=fresh)
         elif isinstance(op, FlattenOp):
             cache.append(x.shape)
             x = x.flatten(1)
+        fresh = isinstance(op, (ConvOp, LinearOp, PoolOp))
     return x, cache

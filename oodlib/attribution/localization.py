@@ -20,7 +20,7 @@ def pointing_game(maps, masks, tolerance: int = 0) -> dict:
     (TorchRay uses 15). Images with an empty mask are skipped and counted in ``skipped``.
     Returns {hits, misses, skipped, accuracy = hits/(hits+misses), hit (per image, NaN if skipped)}."""
     maps, masks = _np(maps), _np(masks).astype(bool)
-    b, h, w = maps.shape
+    b = maps.shape[0]
     m = torch.from_numpy(masks[:, None].astype(np.float32))
     if tolerance > 0:
         r = np.arange(-tolerance, tolerance + 1)
@@ -99,7 +99,7 @@ def segmentation(maps, masks, threshold: str = "pos") -> dict:
 
 def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     """Separable Gaussian blur of a batch (B×C×H×W), kernel radius 3σ, reflect padding."""
-    r = max(1, int(round(3 * sigma)))
+    r = max(1, round(3 * sigma))
     t = torch.arange(-r, r + 1, dtype=x.dtype, device=x.device)
     k = torch.exp(-(t**2) / (2 * sigma**2))
     k = k / k.sum()
@@ -133,7 +133,7 @@ def morf_insertion(model, x: torch.Tensor, maps, target: torch.Tensor, fractions
     accuracy_area, probability_area}; areas are trapezoid means over p (curve height averaged)."""
     fractions = np.arange(1, 21) / 100.0 if fractions is None else np.asarray(fractions, float)
     maps = torch.as_tensor(_np(maps), device=x.device, dtype=x.dtype)
-    counts = [int(round(f * maps.shape[1] * maps.shape[2])) for f in fractions]
+    counts = [round(f * maps.shape[1] * maps.shape[2]) for f in fractions]
     keep = _rank_masks(maps, counts, descending=True)
     blurred = gaussian_blur(x, sigma)
     acc, prob = _curve(model, torch.where(keep, x[None], blurred[None]), target)
@@ -149,7 +149,7 @@ def lerf_deletion(model, x: torch.Tensor, maps, target: torch.Tensor, steps: int
     scaled by image area). Returns {pixels, accuracy, probability} with step 0 = unperturbed."""
     maps = torch.as_tensor(_np(maps), device=x.device, dtype=x.dtype)
     hw = maps.shape[1] * maps.shape[2]
-    per = pixels_per_step or max(1, int(round(100 * hw / 224**2)))
+    per = pixels_per_step or max(1, round(100 * hw / 224**2))
     counts = [min(hw, per * s) for s in range(steps + 1)]
     drop = _rank_masks(maps, counts, descending=False)
     acc, prob = _curve(model, torch.where(drop, torch.full_like(x, fill)[None], x[None]), target)

@@ -13,9 +13,11 @@ Conventions:
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
-from oodlib.attribution.graph import ConvCache, ConvOp, LinearOp
+from oodlib.attribution.graph import ConvCache, ConvOp, LinearOp, UnsupportedLayerError
 
 
 def safe_div(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -58,11 +60,20 @@ def zbeta(op: ConvOp, x: torch.Tensor, w: torch.Tensor, R: torch.Tensor, divide)
     return x * g[:, :c] - low * g[:, c : 2 * c] - high * g[:, 2 * c :]
 
 
-def shift_nonzero(C: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
-    """RAP uniform shifting: subtract (ΣC − ΣR)/#nonzero(C) from every non-zero entry of C (per sample)."""
-    nz = C != 0
-    k = safe_div(_psum(C) - _psum(R), _psum(nz).to(C))
-    return C.sub_(nz * k)
+def shift_nonzero(C: torch.Tensor, R: torch.Tensor, scratch: torch.Tensor | None = None) -> torch.Tensor:
+    """RAP uniform shifting, in place: subtract (ΣC − ΣR)/#nonzero(C) from every non-zero entry of C
+    (per sample; a float mask and ``addcmul_``, faster on CPU than a bool mask and ``masked_fill_``).
+    ``scratch``: optional tensor of C's shape to hold the mask."""
+    dims = _dims(C)
+    nz = torch.ne(C, 0, out=scratch if scratch is not None else torch.empty_like(C))
+    k = safe_div(C.sum(dims, keepdim=True) - R.sum(dims, keepdim=True), nz.sum(dims, keepdim=True))
+    return C.addcmul_(nz, k, value=-1.0)
+
+
+def nan_to_zero_(t: torch.Tensor) -> torch.Tensor:
+    """Set NaN and ±inf entries of ``t`` to 0 in place: turns ``a / b`` into :func:`safe_div` when
+    every non-finite quotient comes from ``b == 0`` (one pass instead of a mask and a fill)."""
+    return t.nan_to_num_(0.0, 0.0, 0.0)
 
 
 class _LinearConv:
@@ -146,6 +157,18 @@ class RAP:
 
     split = True
 
+    def __init__(self):
+        self._scratch: torch.Tensor | None = None
+
+    def _buffer(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        """An uninitialized tensor of ``shape`` in one reused flat buffer: fresh memory costs a page
+        fault per 4 KiB on CPU, which for these memory-bound steps is as slow as the arithmetic."""
+        n = math.prod(shape)
+        buf = self._scratch
+        if buf is None or buf.numel() < n or buf.dtype != like.dtype or buf.device != like.device:
+            buf = self._scratch = like.new_empty(n)
+        return buf[:n].view(shape)
+
     def head(self, op: LinearOp, x: torch.Tensor, R: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         w, b = op.params()
         wt, bt = w[target], b[target][:, None]
@@ -166,13 +189,20 @@ class RAP:
         return shift_nonzero(C, R)
 
     def conv(self, op: ConvOp, cache: ConvCache, R: torch.Tensor) -> torch.Tensor:
+        """Signals S = [R⁺/Z⁺ ; R/(Z⁺+|Z⁻|) + R⁻/|Z⁻|] (B×2Co×h×w, zero where a denominator is zero)
+        through one transposed convolution with the stacked weights [w⁺; |w⁻|]: the four terms
+        share two denominators and two weights. Built in place in one buffer (memory-bound)."""
+        if not op.nonneg_input:
+            raise UnsupportedLayerError(f"layer {op.name!r}: RAP needs non-negative (post-ReLU) conv inputs")
         x, zp, zn = cache.x, cache.zp, cache.zn
-        w = op.weight
-        rn = R.clamp(max=0)
-        sa = safe_div(R - rn, zp)
-        sb = safe_div(R, zp + zn).add_(safe_div(rn, zn))
-        C = x * op.conv2d_t(torch.cat([sa, sb], 1), torch.cat([w.clamp(min=0), -w.clamp(max=0)]), x.shape)
-        return shift_nonzero(C, R)
+        co = R.shape[1]
+        S = self._buffer((R.shape[0], 2 * co, *R.shape[2:]), R)
+        sa, sb = S[:, :co], S[:, co:]
+        nan_to_zero_(torch.clamp(R, max=0, out=sa).div_(zn))  # sa holds R⁻/|Z⁻| for a moment
+        nan_to_zero_(torch.div(R, torch.add(zp, zn, out=sb), out=sb)).add_(sa)
+        nan_to_zero_(torch.clamp(R, min=0, out=sa).div_(zp))
+        C = op.conv2d_t(S, cache.w, x.shape).mul_(x)
+        return shift_nonzero(C, R, self._buffer(C.shape, C))  # S is dead: its memory holds the mask
 
     def input_conv(self, op: ConvOp, cache: ConvCache, R: torch.Tensor) -> torch.Tensor:
         return zbeta(op, cache.x, op.weight, R, safe_div)
