@@ -78,3 +78,11 @@ def test_state_dict_hash_sensitive_to_values():
     assert state_dict_hash(a) != state_dict_hash(b)
     assert state_dict_hash(a) == state_dict_hash(dict(reversed(list(a.items()))))
     assert "digits-cnn" in MODELS
+
+
+def test_digits_cnn_cache_key_is_a_cheap_fingerprint():
+    """The cache key is stable and changes with the seed (a different training set)."""
+    from oodlib.models.digits_cnn import training_fingerprint
+
+    a = training_fingerprint(0)
+    assert a == training_fingerprint(0) and a != training_fingerprint(1) and len(a) == 16

@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.models.resnet import BasicBlock, Bottleneck
 
 
 class UnsupportedLayerError(TypeError):
@@ -142,9 +141,17 @@ def _leaves(module: nn.Module, prefix: str) -> list[tuple[str, nn.Module]]:
     return [(prefix, module)]
 
 
+def _resnet_blocks() -> tuple[type, type]:
+    """torchvision's (Bottleneck, BasicBlock), imported on first use: importing torchvision takes
+    seconds that a job validating its config (the method names) should not pay."""
+    from torchvision.models.resnet import BasicBlock, Bottleneck
+
+    return Bottleneck, BasicBlock
+
+
 def _block_ops(name: str, block: nn.Module) -> list:
     """A torchvision residual block as [ResidualOp, ReLUOp]."""
-    if isinstance(block, Bottleneck):
+    if isinstance(block, _resnet_blocks()[0]):
         parts = ["conv1", "bn1", "relu", "conv2", "bn2", "relu", "conv3", "bn3"]
     else:
         parts = ["conv1", "bn1", "relu", "conv2", "bn2"]
@@ -166,7 +173,7 @@ def _compile(items: list[tuple[str, nn.Module]]) -> list:
             ops.append(ConvOp(name, m, bn))
             i += 2 if bn is not None else 1
             continue
-        if isinstance(m, (Bottleneck, BasicBlock)):
+        if isinstance(m, _resnet_blocks()):
             ops += _block_ops(name, m)
         elif isinstance(m, nn.ReLU):
             ops.append(ReLUOp(name))

@@ -93,17 +93,36 @@ def digits_training_data(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     return x, torch.as_tensor(train.labels, dtype=torch.long)
 
 
+def training_fingerprint(seed: int = 0) -> str:
+    """What the trained weights are a function of, read without building the training set: the
+    recipe, the seed, the code that makes, encodes and decodes the training images, scikit-learn's
+    bundled digits file and the NumPy/Pillow versions. A cached re-run then skips the seconds that
+    building the images (and importing scikit-learn) cost."""
+    import importlib.util
+
+    import PIL
+
+    from oodlib.data import decode, digits, longtail, manifest
+
+    digest = hashlib.sha256(json.dumps(
+        {"recipe": RECIPE, "seed": seed, "preprocess": repr(DIGITS_PREPROCESS), "numpy": np.__version__, "pillow": PIL.__version__},
+        sort_keys=True,
+    ).encode())
+    for module in (digits, decode, longtail, manifest):
+        digest.update(Path(module.__file__).read_bytes())
+    sklearn_dir = Path(importlib.util.find_spec("sklearn").origin).parent  # found, not imported
+    digest.update((sklearn_dir / "datasets" / "data" / "digits.csv.gz").read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def trained_digits_cnn(seed: int = 0, cache_dir: str | Path | None = None) -> ModelAdapter:
     """The trained digits-cnn: loaded from the cache, or trained (seconds) and cached."""
-    x, y = digits_training_data(seed)
-    digest = hashlib.sha256(json.dumps(RECIPE, sort_keys=True).encode())
-    digest.update(x.numpy().tobytes())
-    digest.update(y.numpy().astype(np.int64).tobytes())
-    path = Path(cache_dir or default_cache_dir()) / f"digits-cnn-{digest.hexdigest()[:16]}.safetensors"
+    path = Path(cache_dir or default_cache_dir()) / f"digits-cnn-{training_fingerprint(seed)}.safetensors"
     model = build_digits_cnn()
     if path.exists():
         model.load_state_dict(load_file(path))
         return model.eval()
+    x, y = digits_training_data(seed)
     with torch.random.fork_rng():
         threads = torch.get_num_threads()
         model = train_digits_cnn(x, y)
