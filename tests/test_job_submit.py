@@ -2,8 +2,6 @@
 JobSubmissionClient, SUCCEEDED, outputs checked; an unauthenticated submission is rejected."""
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,15 +12,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from servers import free_port, stop_group, wait_until_answering
+
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).parent / "ray")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -40,29 +34,9 @@ def ray_head(tmp_path_factory):
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
     address = f"http://127.0.0.1:{dash}"
-    deadline = time.time() + 90
-    while time.time() < deadline:
-        try:
-            urllib.request.urlopen(f"{address}/api/version", timeout=2)
-            break
-        except urllib.error.HTTPError:
-            break  # answering (401 without a token) means it is up
-        except OSError:
-            time.sleep(1)
-    else:
-        os.killpg(proc.pid, signal.SIGTERM)
-        pytest.fail("Ray head did not start within 90 s")
+    wait_until_answering(f"{address}/api/version", proc, 90, "Ray head")
     yield address
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        pass
-    # raylet, GCS and workers share the process group; make sure none is left behind
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+    stop_group(proc)  # raylet, GCS and workers share the process group: none is left behind
 
 
 def test_unauthenticated_submission_rejected(ray_head):

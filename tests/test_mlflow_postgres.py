@@ -8,25 +8,16 @@ skipped, unless ``OODLIB_REQUIRE_POSTGRES=1`` (set by ``.ci/run``, which install
 import glob
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
 
+from servers import free_port, stop_group, wait_until_answering
+
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def pg_bin() -> Path | None:
@@ -72,24 +63,9 @@ def mlflow_server(postgres, tmp_path_factory):
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True, text=True,
     )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"mlflow server exited: {proc.stderr.read()[-2000:]}")
-        try:
-            urllib.request.urlopen(f"{url}/health", timeout=2)
-            break
-        except (OSError, urllib.error.URLError):
-            time.sleep(1)
-    else:
-        os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail("mlflow server did not answer within 120 s")
+    wait_until_answering(f"{url}/health", proc, 120, "mlflow server")
     yield url
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+    stop_group(proc)
 
 
 def test_jobs_log_to_postgres_through_the_server_and_compare_reads_it(postgres, mlflow_server, monkeypatch, tmp_path, capsys):
