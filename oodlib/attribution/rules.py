@@ -21,7 +21,8 @@ from oodlib.attribution.graph import ConvCache, ConvOp, LinearOp, UnsupportedLay
 
 
 def safe_div(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a / b`` where ``b != 0``, else 0 (the authors' ``safe_divide``)."""
+    """``a / b`` where ``b != 0``, else 0 (exact division, as the spec states it; the authors'
+    ``safe_divide`` divides by ``b + 1e-9`` instead — see ``benchmarks/bench_attribution.py``)."""
     return (a / b).masked_fill_(b == 0, 0.0)
 
 

@@ -179,7 +179,8 @@ _GLIBC_DEFAULTS = {_M_TRIM_THRESHOLD: 128 * 1024, _M_MMAP_MAX: 65536}
 @contextmanager
 def reuse_freed_memory():
     """Within the block, glibc keeps freed large blocks for reuse (no mmap, no trimming); on exit
-    the defaults come back and the kept memory is returned to the OS. No-op without glibc."""
+    the default values are set again (glibc's dynamic mmap threshold stays off, as after any
+    ``mallopt``) and the kept memory is returned to the OS. No-op without glibc."""
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         ok = libc.mallopt(_M_MMAP_MAX, 0) and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
