@@ -8,10 +8,14 @@ Prints one Markdown table with the measured ratios, the targets and PASS/FAIL:
   default), on the digits model and resnet18 (random weights, 64 px); plus the embed-stage view:
   our paper-rule ``conductance_forward`` (conductance + logits + features in one call) against
   the ordinary forward + Captum;
-* LCR with 100 accepted mutants ≤ 1.2× the time of 100 plain forwards of the same batch, and
-  the speed-up over one-image-at-a-time mutant evaluation (measured on a subset, per image×mutant);
+* LCR with 100 accepted mutants ≤ 1.2× the time of 100 plain forwards of the same batch
+  (mutant patches are built once per actor and not timed; their one-off cost is printed), and
+  the speed-up over one-image-at-a-time mutant evaluation (measured on a subset, per
+  image×mutant). Each mutant runs from its first mutated stage (prefix reuse), so the LCR can
+  cost less than 100 full forwards; the table shows where the accepted mutants start;
 * SPRT on digits-c: mean mutants per input ≤ 35% of 100 at an AUROC within 0.01 of full LCR
-  (τ from the correct ID validation predictions, as the job fits it).
+  (τ fitted as the job fits it: the 99% quantile of LCR over the correct predictions of the
+  validation part — ID val and the val part of digits-c —, evaluated on the test part).
 Timings: interleaved repeats, median (the machine is shared).
 """
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
+from collections import Counter
 import sys
 import time
 from pathlib import Path
@@ -30,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from oodlib.conductance import conductance_forward, layer_conductance
 from oodlib.error_detection import group_split
-from oodlib.lcr import SPRT, fit_sprt_tau, label_change_rate
+from oodlib.lcr import SPRT, first_mutated_stage, fit_sprt_tau, forward_stages, label_change_rate
 from oodlib.metrics import error_auroc
 from oodlib.mutants import applied, generate_mutants, predict
 
@@ -135,13 +140,33 @@ def bench_conductance(name, model, x, n_steps, repeats, rows):
 
 
 def one_at_a_time(model, x, patches, preds):
-    """Reference: every mutant, every image, one forward per image."""
+    """Reference: per-input mutant testing (Wang et al.'s detector loop) — for each image, every
+    mutant is applied, run on that image alone, and reverted. Mutant patches are precomputed
+    once, so the reference is not charged for regenerating them."""
     flips = np.zeros((len(x), len(patches)), bool)
-    for m, p in enumerate(patches):
-        with applied(p), torch.inference_mode():
-            for i in range(len(x)):
-                flips[i, m] = int(model(x[i : i + 1]).argmax(1)) != int(preds[i])
+    with torch.inference_mode():
+        for i in range(len(x)):
+            for m, p in enumerate(patches):
+                with applied(p):
+                    flips[i, m] = int(model(x[i : i + 1]).argmax(1)) != int(preds[i])
     return flips
+
+
+def digits_c_parts(ids) -> np.ndarray:
+    """fit/val/test per digits-c row by source image, exactly as the job's ``assign_parts``."""
+    return group_split(np.array(["digits-c:" + i.rsplit("/", 1)[1] for i in ids]), seed=0)
+
+
+def sprt_tau(model, data, patches) -> tuple[float, int]:
+    """τ as the job fits it: the 99% quantile of LCR over the correct predictions of the
+    validation part (ID val + the val part of digits-c). Returns (τ, number of those predictions)."""
+    xv, yv, _ = data[("digits", "val")]
+    xc, yc, ids = data[("digits-c", "test")]
+    sel = digits_c_parts(ids) == "val"
+    x, y = torch.cat([xv, xc[sel]]), np.concatenate([yv, yc[sel]])
+    p = predict(model, x)
+    correct = p.numpy() == y
+    return fit_sprt_tau(label_change_rate(model, x, patches, preds=p).lcr[correct], len(patches)), int(correct.sum())
 
 
 def main() -> None:
@@ -178,7 +203,9 @@ def bench_lcr(args, model, data, repeats, rows) -> None:
     t0 = time.perf_counter()
     ms = generate_mutants(model, xv, yv, args.operator, args.rate, n_accepted=args.mutants)
     gen_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
     patches = ms.patches(model)
+    patch_s = time.perf_counter() - t0
     xb = xc[:: 7 if args.quick else 3][: 256 if args.quick else 512]
     preds = predict(model, xb)
 
@@ -190,6 +217,10 @@ def bench_lcr(args, model, data, repeats, rows) -> None:
     t = timed({"lcr": lambda: label_change_rate(model, xb, patches, preds=preds), "plain": plain}, max(2, repeats // 2))
     rows.append((f"LCR B={len(xb)}, {len(patches)} {args.operator} mutants vs {len(patches)} plain forwards",
                  f"{t['lcr'] / t['plain']:.2f}× ({t['lcr']:.2f} vs {t['plain']:.2f} s)", "≤ 1.2×", t["lcr"] / t["plain"] <= 1.2))
+    stages = forward_stages(model)
+    starts = Counter(first_mutated_stage(stages, p) for p in patches)
+    rows.append(("LCR prefix reuse: mutants per first mutated stage (stage index: module)",
+                 ", ".join(f"{i}: {type(stages[i]).__name__} ×{n}" for i, n in sorted(starts.items())), "info", None))
     sub, sub_m = xb[:32], patches[:10]
     full = label_change_rate(model, sub, sub_m, preds=preds[:32])
     ref = one_at_a_time(model, sub, sub_m, preds[:32])
@@ -199,27 +230,26 @@ def bench_lcr(args, model, data, repeats, rows) -> None:
                  f"{t1 / per_pair:.0f}× faster", "≥ 5× (far faster)",
                  t1 / per_pair >= 5 and bool((full.flips == ref).all())))
 
-    # --- SPRT on digits-c: τ from the correct ID validation predictions (as the job fits it,
-    # floored at one flip in M), evaluated on the test part of digits-c (split by source image) ---
-    pv = predict(model, xv)
-    lcr_v = label_change_rate(model, xv, patches, preds=pv).lcr
-    tau = max(fit_sprt_tau(lcr_v[pv.numpy() == yv]), 1.0 / len(patches))
-    src = np.array([i.rsplit("/", 1)[1] for i in ids])
-    split = group_split(src, (0.0, 0.5, 0.5), seed=0)
-    sel_t = np.flatnonzero(split == "test")[:: 6 if args.quick else 2]
+    # --- SPRT on digits-c, τ fitted as the job fits it: the 99% quantile of LCR over the correct
+    # predictions of the validation part (ID val + the val part of digits-c, split by source
+    # image); evaluated on the test part of digits-c ---
+    tau, n_correct = sprt_tau(model, data, patches)
+    sel_t = np.flatnonzero(digits_c_parts(ids) == "test")[:: 3 if args.quick else 1]
     pt = predict(model, xc[sel_t])
     full_t = label_change_rate(model, xc[sel_t], patches, preds=pt)
-    sprt_t = label_change_rate(model, xc[sel_t], patches, preds=pt, sprt=SPRT(min(tau, 0.9)))
+    sprt_t = label_change_rate(model, xc[sel_t], patches, preds=pt, sprt=SPRT(tau))
     wrong_t = pt.numpy() != yc[sel_t]
     a_full, a_sprt = error_auroc(wrong_t, full_t.lcr), error_auroc(wrong_t, sprt_t.lcr)
     used = float(sprt_t.used.mean())
-    rows.append((f"SPRT digits-c test part (N={len(sel_t)}, τ={tau:.3f}): mean mutants used",
+    rows.append((f"SPRT digits-c test part (N={len(sel_t)}, {int(wrong_t.sum())} wrong; τ={tau:.3f} from "
+                 f"{n_correct} correct validation predictions): mean mutants used",
                  f"{used:.1f} of {len(patches)} ({100 * used / len(patches):.0f}%)", "≤ 35%", used <= 0.35 * len(patches)))
-    rows.append((f"SPRT AUROC {a_sprt:.3f} vs full LCR {a_full:.3f}", f"Δ = {abs(a_sprt - a_full):.3f}", "≤ 0.01",
-                 abs(a_sprt - a_full) <= 0.01))
+    rows.append((f"SPRT AUROC {a_sprt:.3f} vs full LCR {a_full:.3f} (signed: SPRT − full)", f"Δ = {a_sprt - a_full:+.3f}",
+                 "≥ −0.01 (no worse than 0.01 below)", a_sprt - a_full >= -0.01))
 
     print(f"\nmutants: {args.operator} rate {args.rate}: {ms.n_accepted} accepted, {ms.n_rejected} rejected "
-          f"(original val acc {ms.original_val_acc:.4f}; generation {gen_s:.1f} s)")
+          f"(original val acc {ms.original_val_acc:.4f}; generation {gen_s:.1f} s; "
+          f"building the patches of the accepted mutants once: {patch_s * 1e3:.0f} ms)")
     print(f"LCR correct {full_t.lcr[~wrong_t].mean():.3f}±{full_t.lcr[~wrong_t].std():.3f}, "
           f"wrong {full_t.lcr[wrong_t].mean():.3f}±{full_t.lcr[wrong_t].std():.3f}\n")
 

@@ -69,7 +69,7 @@ class DataConfig(Strict):
     seed: int = 0
     id_dataset: str = "digits"
     ood_datasets: list[str] = Field(default_factory=lambda: ["digits-near", "photo-patches", "noise"])
-    #: keep at most this many images per (dataset, split) — for quick runs and tests
+    #: keep at most this many images per (dataset, split), evenly spaced — for quick runs and tests
     limit_per_split: int | None = Field(default=None, gt=0)
     #: extra datasets to embed and score without OOD evaluation (e.g. digits-c, LT train sets)
     extra_datasets: list[str] = Field(default_factory=list)
@@ -202,7 +202,9 @@ class SprtConfig(Strict):
     #: every mutant and apply the SPRT to the flip matrix afterwards (both LCRs available)
     early_stop: bool = False
     confidence: float = Field(default=0.99, gt=0.5, lt=1)
-    band: Literal["population", "mean_ci"] = "population"
+    #: τ from the LCR of correct validation predictions: their ``confidence``-quantile, or
+    #: Wang et al.'s upper end of the confidence interval of the mean (``oodlib.lcr.fit_sprt_tau``)
+    band: Literal["quantile", "mean_ci"] = "quantile"
 
 
 class ErrorsConfig(Strict):

@@ -2,7 +2,7 @@
 
 MUTANTS rejection-samples the accepted mutants on the ID validation split (a mutant is its
 (operator, rate, seed) row, never weights) and fits the SPRT threshold τ on the LCR of correct
-validation predictions. EMBED then computes ``conductance``, ``lcr`` and ``lcr_mutants_used``
+predictions of the validation part (ID val and the val part of the labelled extra sets). EMBED then computes ``conductance``, ``lcr`` and ``lcr_mutants_used``
 per image in the same pass. ERRORS fits the conductance error detector and the fusions, and
 writes the ``risks`` table, the seed paper's tables (4–6 and 3) and the AUROC-vs-mutants figure.
 """
@@ -26,7 +26,7 @@ from oodlib.error_detection import (
 )
 from oodlib.lcr import SPRT, fit_sprt_tau, label_change_rate
 from oodlib.models import ModelAdapter
-from oodlib.mutants import generate_mutants
+from oodlib.mutants import generate_mutants, predict
 
 STAGE_VERSION = 1
 SPLITS = ("fit", "val", "test")
@@ -34,40 +34,51 @@ SPLITS = ("fit", "val", "test")
 
 def mutants_stage(cfg: JobConfig, selected: pa.Table, model: ModelAdapter, model_hash: str, rows_hash) -> tuple[dict, Path]:
     """Accepted mutants and τ (committed as ``mutants/key=…/mutants.parquet`` + ``sprt.json``).
+
+    Mutants are accepted on the ID validation split; τ is fitted on the correct predictions of
+    the whole validation part — the ID val split plus the val part of every labelled extra set
+    (:func:`assign_parts`), the rows every other error threshold is fitted on.
     Returns ({"table": columns dict, "tau": τ}, path) — what the EMBED actors need."""
     e = cfg.errors
-    mask = pc.and_(pc.equal(selected.column("dataset"), cfg.data.id_dataset), pc.equal(selected.column("split"), "val"))
-    val = selected.filter(mask)
-    if val.num_rows == 0:
+    val = _validation_part(cfg, selected)
+    is_id = np.asarray(val.column("dataset").to_pylist()) == cfg.data.id_dataset
+    if not is_id.any():
         raise ValueError(f"errors: mutants are accepted on the validation split of {cfg.data.id_dataset!r}, which has no rows")
     key = storage.content_key("mutants", STAGE_VERSION, model=model_hash, val=rows_hash(val), mutants=e.mutants.model_dump(), sprt=e.sprt.model_dump())
     target = storage.stage_dir(cfg.output, cfg.experiment, "mutants", key)
     if not target.done:
         x, reasons = decode_batch(val.column("image").to_pylist(), val.column("path").to_pylist(), model.preprocess)
-        y = np.asarray(val.column("label").to_pylist())[[r is None for r in reasons]]
+        ok = np.array([r is None for r in reasons])
+        y, is_id = np.asarray(val.column("label").to_pylist())[ok], is_id[ok]
         m = e.mutants
         try:
-            mutants = generate_mutants(model, x, y, m.operator, m.rate, m.n_accepted, m.max_tries)
+            mutants = generate_mutants(model, x[is_id], y[is_id], m.operator, m.rate, m.n_accepted, m.max_tries)
         except RuntimeError as exc:  # the rejection-sampling cap: a config problem, not a crash
             raise ConfigError(f"errors.mutants: {exc}") from None
-        with torch.inference_mode():
-            preds = model(x).argmax(1)
-        res = label_change_rate(model, x, mutants.patches(model), preds=preds)
+        preds = predict(model, x)
+        res = label_change_rate(model, x, mutants.patches(model), preds=preds, batch_size=1024)
         correct = preds.numpy() == y
-        # floored at one flip in M mutants: when no correct validation prediction ever flips,
-        # τ = 0 and the sequential test is undefined (p0 = p1 = 0)
-        tau = max(fit_sprt_tau(res.lcr[correct], e.sprt.confidence, e.sprt.band), 1.0 / mutants.n_accepted)
+        tau = fit_sprt_tau(res.lcr[correct], mutants.n_accepted, e.sprt.confidence, e.sprt.band)
         with target.writing() as tmp:
             storage.write_table(pa.Table.from_pandas(mutants.to_frame(), preserve_index=False), tmp, "mutants.parquet")
             (tmp / "sprt.json").write_text(json.dumps({
                 "tau": tau, "accepted": mutants.n_accepted, "rejected": mutants.n_rejected,
-                "original_val_acc": float(np.mean(correct)),
+                "original_val_acc": float(np.mean(correct[is_id])), "tau_rows": int(correct.sum()),
             }))
     table = pd.read_parquet(target.path / "mutants.parquet")
     sprt = json.loads((target.path / "sprt.json").read_text())
     print(f"[mutants] {sprt['accepted']} accepted, {sprt['rejected']} rejected ({cfg.errors.mutants.operator} "
-          f"{cfg.errors.mutants.rate}); SPRT τ = {sprt['tau']:.4f}", flush=True)
+          f"{cfg.errors.mutants.rate}); SPRT τ = {sprt['tau']:.4f} from {sprt['tau_rows']} correct validation "
+          f"predictions", flush=True)
     return {"table": table.to_dict("list"), "tau": sprt["tau"]}, target.path
+
+
+def _validation_part(cfg: JobConfig, selected: pa.Table) -> pa.Table:
+    """The rows of ``selected`` in the ``val`` part: ID val plus the val groups of the extra sets."""
+    sets = selected.filter(pc.field("dataset").isin([cfg.data.id_dataset, *cfg.errors.extra_datasets]))
+    ids = sets.select(["image_id", "dataset", "split"]).to_pandas()
+    ids["dataset"] = ids["dataset"].astype(str)
+    return sets.filter(pa.array(assign_parts(ids, cfg.data.id_dataset, cfg.errors.seed) == "val"))
 
 
 def _read_error_rows(feature_dirs: list[Path], datasets: list[str]) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:

@@ -119,7 +119,8 @@ def long_tail_tables(table: pa.Table, imbalance_ratio: float, val_per_class: int
 
 
 def select_rows(manifest: pa.Table, cfg: JobConfig, num_classes: int) -> tuple[pa.Table, pa.Table]:
-    """Rows of the configured datasets (every split), at most ``limit_per_split`` per (dataset, split),
+    """Rows of the configured datasets (every split), at most ``limit_per_split`` per (dataset, split)
+    (evenly spaced in manifest order),
     split into usable rows and quarantined ones (duplicate ids, bad labels … with the reason).
 
     Raises :class:`ConfigError` naming the config field when a dataset is not in the manifest.
@@ -141,8 +142,9 @@ def select_rows(manifest: pa.Table, cfg: JobConfig, num_classes: int) -> tuple[p
     if cfg.data.limit_per_split:
         keys = np.char.add(np.asarray(table.column("dataset").to_pylist(), str), np.asarray(table.column("split").to_pylist(), str))
         keep = np.zeros(len(keys), bool)
-        for k in np.unique(keys):
-            keep[np.flatnonzero(keys == k)[: cfg.data.limit_per_split]] = True
+        for k in np.unique(keys):  # evenly spaced rows: a subset that spans the whole set (all levels of digits-c)
+            rows = np.flatnonzero(keys == k)
+            keep[rows[np.linspace(0, len(rows), min(len(rows), cfg.data.limit_per_split), endpoint=False).astype(int)]] = True
         table = table.filter(pa.array(keep))
     reasons = row_problems(table, num_classes)
     bad = pa.array([r is not None for r in reasons])

@@ -16,6 +16,7 @@ exported to arrays and evaluated here in NumPy (tests check equality with scikit
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -422,17 +423,17 @@ def group_split(groups: np.ndarray, fractions: tuple[float, float, float] = (0.5
     """Assign every row to ``fit``/``val``/``test`` by its group (N,) → split names (N,).
 
     All rows of a group (e.g. an image and its corrupted copies) land in the same split, so no
-    evaluated image has a near-duplicate in the detector's training rows. Groups are shuffled
-    with ``seed`` and cut by ``fractions``.
+    evaluated image has a near-duplicate in the detector's training rows. A group's split is a
+    function of ``(seed, group)`` alone — a hash of both, mapped to [0, 1) and cut by the
+    cumulative ``fractions`` — so it does not move when other groups are added or quarantined
+    (stages that see different row sets agree, incremental runs keep their splits); the split
+    sizes match ``fractions`` up to sampling noise.
     """
-    groups = np.asarray(groups)
-    uniq = np.unique(groups)
-    order = np.random.default_rng(seed).permutation(len(uniq))
-    bounds = np.round(np.cumsum(fractions)[:-1] / np.sum(fractions) * len(uniq)).astype(int)
-    split_of_group = np.empty(len(uniq), dtype=object)
-    for name, idx in zip(SPLITS, np.split(order, bounds)):
-        split_of_group[idx] = name
-    return split_of_group[np.searchsorted(uniq, groups)].astype(str)
+    uniq, inverse = np.unique(np.asarray(groups).astype(str), return_inverse=True)
+    u = np.array([int.from_bytes(hashlib.blake2b(f"{seed}:{g}".encode(), digest_size=8).digest(), "big") / 2.0**64
+                  for g in uniq])
+    cuts = np.cumsum(fractions)[:-1] / np.sum(fractions)
+    return np.asarray(SPLITS)[np.searchsorted(cuts, u, side="right")][inverse.reshape(-1)]
 
 
 @dataclass

@@ -3,6 +3,8 @@
 LCR(x) = |{m : m(x) ≠ f(x)}| / |mutants used|, f(x) the original model's prediction.
 Execution: mutant m is applied in place, runs over the whole batch, is reverted; the flip
 matrix F (B×M, F[i, m] = mutant m changes input i's label) is filled one column at a time.
+A mutant runs only from the first stage it changes: the original model's activations before it
+are computed once per batch and reused (:func:`label_change_rate`).
 
 SPRT (Wang et al.; ``specs/conductance_lcr.md``): per input, over the mutants in their fixed
 order, with p1 = τ + 0.1τ, p0 = τ − 0.1τ, after n mutants with c flips
@@ -23,6 +25,7 @@ import torch
 from scipy.stats import norm
 from torch import nn
 
+from oodlib.models.base import ModelAdapter
 from oodlib.mutants import Patch, applied
 
 WRONG, CORRECT, UNDECIDED = 1, 0, -1
@@ -79,25 +82,30 @@ class SPRT:
         return decision.astype(np.int8), first + 1
 
 
-def fit_sprt_tau(lcr_correct: np.ndarray, confidence: float = 0.99, band: str = "population") -> float:
-    """τ from the LCR of *correct* validation predictions: mean + a one-sided band.
+def fit_sprt_tau(lcr_correct: np.ndarray, n_mutants: int, confidence: float = 0.99, band: str = "quantile",
+                 relax: float = 0.1) -> float:
+    """τ from the LCR of *correct* validation predictions (N,), kept inside the SPRT's range.
 
-    ``band="population"`` (default): mean + z_c·std, a band holding ~``confidence`` of correct
-    predictions under a normal approximation. ``band="mean_ci"``: mean + z_((1+c)/2)·std/√N, the
-    upper end of the confidence interval of the mean (Wang et al.'s code, "avg + 99% confidence").
-    The mean-CI τ sits at the typical correct LCR, so a correct input that never flips needs
-    ≈ 14.7/τ mutants to be decided — usually more than 100; the population band decides sooner.
+    ``band="quantile"`` (default): the empirical ``confidence``-quantile — ``confidence`` of the
+    correct validation predictions have LCR ≤ τ. LCR of correct predictions is far from normal
+    (mostly 0 with a long tail), so a normal band (mean + z·std) falls well short of the 99% it
+    claims. ``band="mean_ci"``: mean + z_((1+c)/2)·std/√N, the upper end of the confidence
+    interval of the mean (Wang et al.'s code, "avg + 99% confidence"); it sits at the typical
+    correct LCR, so a never-flipping input needs ≈ 14.7/τ mutants to be decided.
+
+    τ is floored at one flip in ``n_mutants`` (when no correct prediction ever flips, τ = 0 and
+    the test is undefined) and capped below 1/(1 + relax) (p1 = τ(1 + relax) must stay < 1).
     """
     x = np.asarray(lcr_correct, np.float64)
     if len(x) < 2:
         raise ValueError("fit_sprt_tau needs at least two correct validation predictions")
-    if band == "population":
-        tau = x.mean() + norm.ppf(confidence) * x.std(ddof=1)
+    if band == "quantile":
+        tau = np.quantile(x, confidence)
     elif band == "mean_ci":
         tau = x.mean() + norm.ppf((1 + confidence) / 2) * x.std(ddof=1) / np.sqrt(len(x))
     else:
-        raise ValueError(f"unknown band {band!r}; known: population, mean_ci")
-    return float(tau)
+        raise ValueError(f"unknown band {band!r}; known: quantile, mean_ci")
+    return float(np.clip(tau, 1.0 / n_mutants, np.nextafter(1.0 / (1 + relax), 0.0)))
 
 
 @dataclass
@@ -111,10 +119,25 @@ class LCRResult:
     decision: np.ndarray | None = None
 
 
-def _predict(model: nn.Module, x: torch.Tensor, batch_size: int | None) -> torch.Tensor:
-    if batch_size is None or len(x) <= batch_size:
-        return model(x).argmax(1)
-    return torch.cat([model(x[i : i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)])
+def forward_stages(model: nn.Module) -> list[nn.Module]:
+    """``model``'s forward as a chain of modules (their composition is the forward): for a
+    model with a ``backbone`` ``nn.Sequential`` and a ``head`` (:class:`ModelAdapter`), the
+    backbone's modules with nested ``nn.Sequential`` flattened, then the head; for an
+    ``nn.Sequential``, its flattened modules; otherwise ``[model]`` (one stage)."""
+
+    def flat(seq: nn.Sequential) -> list[nn.Module]:
+        return [s for c in seq for s in (flat(c) if isinstance(c, nn.Sequential) else [c])]
+
+    backbone, head = getattr(model, "backbone", None), getattr(model, "head", None)
+    if isinstance(backbone, nn.Sequential) and isinstance(head, nn.Module) and type(model).forward is ModelAdapter.forward:
+        return [*flat(backbone), head]
+    return flat(model) if isinstance(model, nn.Sequential) else [model]
+
+
+def first_mutated_stage(stages: list[nn.Module], patches: list[Patch]) -> int:
+    """Index of the first stage holding a parameter that ``patches`` change (0 when unknown)."""
+    owner = {t.data_ptr(): i for i, st in enumerate(stages) for t in st.parameters()}
+    return min((owner.get(p.param.data_ptr(), 0) for p in patches), default=0)
 
 
 def label_change_rate(
@@ -130,36 +153,26 @@ def label_change_rate(
 
     ``preds``: the original model's predictions (B,) from the ordinary forward (computed when
     None). ``sprt``: early stop (see module doc); None runs every mutant on every input.
-    ``batch_size``: rows per forward (None = the whole batch at once).
+    ``batch_size``: rows per pass (None = the whole batch); chunks are independent (the SPRT
+    is per input; a chunk stops once all of its inputs decided).
+
+    Prefix reuse: the model runs as a chain of stages (:func:`forward_stages`); the stages
+    before a mutant's first mutated parameter compute what the original model computes, so the
+    original's activations at those boundaries are kept once per chunk and each mutant runs
+    only from its first mutated stage on. The flips are those of full mutant forwards.
     """
     if not patches:
         raise ValueError("label_change_rate needs at least one mutant")
     device = next(model.parameters()).device
     x = x.to(device)
-    with torch.inference_mode():
-        preds = _predict(model, x, batch_size) if preds is None else torch.as_tensor(preds, device=device).view(-1)
-    b, m_total = len(x), len(patches)
-    flips = torch.zeros(b, m_total, dtype=torch.bool, device=device)
-    used = torch.full((b,), m_total, dtype=torch.long, device=device)
-    decision = torch.full((b,), UNDECIDED, dtype=torch.int8, device=device)
-    active = torch.arange(b, device=device)
-    x_active, preds_active = x, preds
-    for m, mutant in enumerate(patches):
-        with applied(mutant), torch.inference_mode():
-            flips[active, m] = _predict(model, x_active, batch_size) != preds_active
-        if sprt is None:
-            continue
-        ratio = sprt.log_ratio(flips[active, : m + 1].sum(1).double(), m + 1)
-        wrong, correct = ratio >= sprt.upper, ratio <= sprt.lower
-        stop = wrong | correct
-        if stop.any():
-            decision[active[wrong]], decision[active[correct]] = WRONG, CORRECT
-            used[active[stop]] = m + 1
-            active = active[~stop]
-            if len(active) == 0:
-                break
-            x_active, preds_active = x[active], preds[active]
-    counted = torch.arange(m_total, device=device)[None, :] < used[:, None]
+    preds = None if preds is None else torch.as_tensor(preds, device=device).view(-1)
+    stages = forward_stages(model)
+    starts = [first_mutated_stage(stages, p) for p in patches]
+    step = len(x) if batch_size is None else batch_size
+    parts = [_lcr_chunk(stages, starts, x[i : i + step], None if preds is None else preds[i : i + step], patches, sprt)
+             for i in range(0, len(x), step)]
+    flips, used, decision = (torch.cat(t) for t in zip(*parts))
+    counted = torch.arange(len(patches), device=device)[None, :] < used[:, None]
     lcr = (flips & counted).sum(1).double() / used.clamp(min=1)
     return LCRResult(
         flips=flips.cpu().numpy(),
@@ -167,3 +180,51 @@ def label_change_rate(
         used=used.to(torch.int16).cpu().numpy(),
         decision=decision.cpu().numpy() if sprt is not None else None,
     )
+
+
+def _run(stages: list[nn.Module], start: int, h: torch.Tensor) -> torch.Tensor:
+    for stage in stages[start:]:
+        h = stage(h)
+    return h
+
+
+@torch.inference_mode()
+def _lcr_chunk(
+    stages: list[nn.Module], starts: list[int], x: torch.Tensor, preds: torch.Tensor | None,
+    patches: list[list[Patch]], sprt: SPRT | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One chunk of :func:`label_change_rate`: (flips B×M bool, used (B,) long, decision (B,) int8)."""
+    keep = set(starts) - {0}
+    # the original forward, as far as needed: its activations where mutants start, its predictions
+    last = len(stages) if preds is None else max(keep, default=0)
+    cache, h = {0: x}, x
+    for i, stage in enumerate(stages[:last]):
+        h = stage(h)
+        if i + 1 in keep:
+            cache[i + 1] = h.clone()  # a clone: an in-place stage i + 1 must not change it
+    if preds is None:
+        preds = h.argmax(1)
+    b, m_total = len(x), len(patches)
+    flips = torch.zeros(b, m_total, dtype=torch.bool, device=x.device)
+    used = torch.full((b,), m_total, dtype=torch.long, device=x.device)
+    decision = torch.full((b,), UNDECIDED, dtype=torch.int8, device=x.device)
+    active, preds_active = None, preds  # None: every row still runs
+    for m, mutant in enumerate(patches):
+        h = cache[starts[m]]
+        h = h[active] if active is not None else h.clone() if starts[m] else h
+        with applied(mutant):
+            flips[slice(None) if active is None else active, m] = _run(stages, starts[m], h).argmax(1) != preds_active
+        if sprt is None:
+            continue
+        rows = torch.arange(b, device=x.device) if active is None else active
+        ratio = sprt.log_ratio(flips[rows, : m + 1].sum(1).double(), m + 1)
+        wrong, correct = ratio >= sprt.upper, ratio <= sprt.lower
+        stop = wrong | correct
+        if stop.any():
+            decision[rows[wrong]], decision[rows[correct]] = WRONG, CORRECT
+            used[rows[stop]] = m + 1
+            active = rows[~stop]
+            if len(active) == 0:
+                break
+            preds_active = preds[active]
+    return flips, used, decision

@@ -51,6 +51,23 @@ def test_long_tail_profile(digits_sets):
         np.testing.assert_array_equal(np.bincount(lt.labels, minlength=8), long_tail_counts(n_max, 8, rho))
 
 
+def test_digits_c_levels_degrade_without_collapsing(digits_sets, digits_inputs, digits_model):
+    """Every corruption level costs accuracy, more at higher severity, and no level collapses onto
+    one predicted class (where wrong predictions could not be told from correct ones)."""
+    from oodlib.mutants import predict
+
+    x, y = digits_inputs[("digits-c", "test")]
+    pred = predict(digits_model, x).numpy()
+    levels = np.asarray(digits_sets[("digits-c", "test")].subsets)
+    clean = float((predict(digits_model, digits_inputs[("digits", "test")][0]).numpy() == digits_inputs[("digits", "test")][1]).mean())
+    for kind in D.CORRUPTIONS:
+        acc = [float((pred == y)[levels == f"{kind}-{s}"].mean()) for s in D.SEVERITIES]
+        assert clean > acc[0] - 0.01 and acc[0] > acc[-1] and 0.5 < acc[-1] < 0.99, (kind, acc)
+        for s in D.SEVERITIES:
+            top_share = np.bincount(pred[levels == f"{kind}-{s}"]).max() / (levels == f"{kind}-{s}").sum()
+            assert top_share < 0.5, (kind, s, top_share)
+
+
 def test_corruptions_change_images_monotonically():
     rng = np.random.default_rng(0)
     img = np.tile(np.linspace(0, 255, 32, dtype=np.uint8), (4, 32, 1))

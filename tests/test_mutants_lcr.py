@@ -6,10 +6,13 @@ import pandas as pd
 import pytest
 import torch
 
-from oodlib.lcr import CORRECT, SPRT, UNDECIDED, WRONG, fit_sprt_tau, label_change_rate
+from oodlib.lcr import (
+    CORRECT, SPRT, UNDECIDED, WRONG, first_mutated_stage, fit_sprt_tau, forward_stages, label_change_rate,
+)
 from oodlib.mutants import (
     Mutant,
     MutantSet,
+    Patch,
     applied,
     generate_mutants,
     mutable_layers,
@@ -192,5 +195,41 @@ def test_batched_sprt_equals_post_hoc(digits_model, lcr_setup):
 def test_fit_sprt_tau_closed_forms():
     x = np.array([0.0, 0.1, 0.2, 0.1, 0.0, 0.3])
     m, s = x.mean(), x.std(ddof=1)
-    assert fit_sprt_tau(x) == pytest.approx(m + 2.3263478740 * s)
-    assert fit_sprt_tau(x, band="mean_ci") == pytest.approx(m + 2.5758293035 * s / np.sqrt(6))
+    # quantile band: linear interpolation between order statistics 0.2 and 0.3 at rank 0.99·5
+    assert fit_sprt_tau(x, 100) == pytest.approx(0.2 + 0.95 * 0.1)
+    assert fit_sprt_tau(x, 100, confidence=0.5) == pytest.approx(0.1)
+    assert fit_sprt_tau(x, 100, band="mean_ci") == pytest.approx(m + 2.5758293035 * s / np.sqrt(6))
+    # floor: one flip in M mutants when nothing flips; cap: p1 = 1.1·τ stays below 1
+    assert fit_sprt_tau(np.zeros(5), 50) == pytest.approx(1 / 50)
+    tau = fit_sprt_tau(np.ones(5), 100)
+    assert tau < 1 / 1.1 and tau == pytest.approx(1 / 1.1) and SPRT(tau).p1 < 1
+    with pytest.raises(ValueError, match="unknown band"):
+        fit_sprt_tau(x, 100, band="population")
+
+
+
+def test_prefix_reuse_equals_full_mutant_forwards(digits_model, lcr_setup):
+    """Mutants run from their first mutated stage give the flips of full mutant forwards."""
+    x, _ = lcr_setup
+    stages = forward_stages(digits_model)
+    h = x
+    with torch.no_grad():
+        for st in stages:
+            h = st(h)
+        torch.testing.assert_close(h, digits_model(x), rtol=0, atol=0)  # the chain is the forward
+    head_only = [Patch(digits_model.head.weight.detach(), torch.tensor([0, 5]), torch.tensor([9.0, -9.0]))]
+    assert first_mutated_stage(stages, head_only) == len(stages) - 1
+    patches = [mutant_patches(digits_model, Mutant("NAI", 0.02, s)) for s in range(30)] + [head_only]
+    starts = {first_mutated_stage(stages, p) for p in patches}
+    assert len(starts) >= 3 and max(starts) == len(stages) - 1  # mutants start at several stages
+    preds = predict(digits_model, x)
+    before = _snapshot(digits_model)
+    res = label_change_rate(digits_model, x, patches, preds=preds)
+    for k, v in digits_model.state_dict().items():  # every mutant reverted exactly
+        assert torch.equal(v, before[k]), k
+    want = np.zeros_like(res.flips)
+    for m, p in enumerate(patches):
+        with applied(p), torch.no_grad():
+            want[:, m] = (digits_model(x).argmax(1) != preds).numpy()
+    np.testing.assert_array_equal(res.flips, want)
+    assert want[:, -1].any()
