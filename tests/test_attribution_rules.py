@@ -11,7 +11,12 @@ from torch import nn
 from oodlib.attribution import attribute, build_program, make_rule
 from oodlib.attribution.engine import propagate
 from oodlib.attribution.graph import ConvOp, LinearOp, UnsupportedLayerError, run
-from oodlib.attribution.rules import RAP, AttributionEquilibrium, shift_nonzero
+from oodlib.attribution.rules import (
+    RAP,
+    AttributionEquilibrium,
+    safe_div,
+    shift_nonzero,
+)
 from oodlib.models.base import DIGITS_PREPROCESS, ModelAdapter
 
 
@@ -89,13 +94,15 @@ def test_conservation_per_layer_digits(digits_model, digits_x, method, options):
 
 def test_rap_conservation_resnet50_blocks():
     """Bottleneck blocks (skip path, downsample branch): Σ conserved across every top-level op
-    and inside every residual branch."""
+    and inside every residual branch. In float64: conservation is an identity of the arithmetic
+    (it holds to ~1e-13 there), while on random weights RAP's small |Z⁻| denominators let Σ|R| grow
+    to 1e5·|ΣR|, beyond what float32 sums resolve at 1e-4."""
     from oodlib.models import load_model
 
     torch.manual_seed(0)
-    model = load_model("resnet50")
+    model = load_model("resnet50").double()
     program, record = build_program(model), {}
-    _, logits, t = propagate(model, torch.randn(2, 3, 64, 64), RAP(), None, program, record)
+    _, logits, t = propagate(model, torch.randn(2, 3, 64, 64, dtype=torch.float64), RAP(), None, program, record)
     _check_sequential_conservation(program, record, logits.gather(1, t[:, None])[:, 0])
     for op in program:
         if hasattr(op, "branch"):
@@ -226,5 +233,42 @@ def test_methods_run_on_resnet_and_target_option():
     for method in ("rap", "ae", "lrp-a1b0"):
         rel, logits, t = attribute(model, x, method, target=3)
         assert rel.shape == x.shape and bool(torch.isfinite(rel).all()) and t.tolist() == [3, 3]
-    rel, logits, t = attribute(model, x, "rap", target=3)
+    rel, logits, t = attribute(model.double(), x.double(), "rap", target=3)  # float64: see the conservation test
     assert np.allclose(rel.sum((1, 2, 3)).numpy(), logits[:, 3].numpy(), rtol=1e-3)
+
+
+def test_safe_div_stabilizer_convention():
+    """safe_div(a, b, eps) = a / (b + eps), 0 where b == 0; b = −eps divides by eps (the authors'
+    ``safe_divide``); eps = 0 is the exact division."""
+    a = torch.ones(4, dtype=torch.float64)
+    b = torch.tensor([1e-8, 0.0, -1e-9, 2.0], dtype=torch.float64)
+    assert torch.allclose(safe_div(a, b, 1e-9), torch.tensor([1 / 1.1e-8, 0.0, 1e9, 1 / (2 + 1e-9)], dtype=torch.float64), rtol=1e-12)
+    assert torch.allclose(safe_div(a, b), torch.tensor([1e8, 0.0, -1e9, 0.5], dtype=torch.float64), rtol=1e-12)
+
+
+def test_rap_signals_stabilizer_closed_form():
+    """One output with Z⁺ = 3, |Z⁻| = 1e-8, Z = Z⁺ + |Z⁻|. The authors' stabilized terms sum to
+    S⁻ = R·(Z + |Z⁻|)/((Z+ε)(|Z⁻|+ε)) for R < 0 and S⁺ = R·Z/((Z+ε)(Z⁺+ε)), S⁻ = R·|Z⁻|/((Z+ε)(|Z⁻|+ε))
+    for R > 0; ε = 1e-9 moves S⁻ of R = −2 from −2e8 − 2/Z to about −1.82e8."""
+    zp, zn = torch.full((2, 1), 3.0, dtype=torch.float64), torch.full((2, 1), 1e-8, dtype=torch.float64)
+    R = torch.tensor([[-2.0], [2.0]], dtype=torch.float64)
+    Z = 3.0 + 1e-8
+    exact = RAP().signals(R, zp, zn)
+    assert torch.allclose(exact, torch.tensor([[0.0, -2e8 - 2 / Z], [2 / 3, 2 / Z]], dtype=torch.float64), rtol=1e-12)
+    e = 1e-9
+    stab = RAP(eps=e).signals(R, zp, zn)
+    expected = [[0.0, -2 * (Z + 1e-8) / ((Z + e) * (1e-8 + e))], [2 * Z / ((Z + e) * (3 + e)), 2 * 1e-8 / ((Z + e) * (1e-8 + e))]]
+    assert torch.allclose(stab, torch.tensor(expected, dtype=torch.float64), rtol=1e-12)
+    assert abs(float(stab[0, 1]) - (-2 / 1.1e-8)) < 1.0 and abs(float(exact[0, 1] - stab[0, 1]) + 2e8 - 2 / 1.1e-8) < 1.0
+
+
+def test_propagate_chunks_concatenate(digits_model, digits_x):
+    """Sweeps over chunks of images give the whole batch's relevance, logits, targets and record;
+    per-sample targets are split with the images."""
+    program, rec1, rec2 = build_program(digits_model), {}, {}
+    whole = propagate(digits_model, digits_x, RAP(), None, program, rec1, chunk=len(digits_x))
+    parts = propagate(digits_model, digits_x, RAP(), None, program, rec2, chunk=1)
+    for a, b in zip(whole, parts):
+        assert a.shape == b.shape and torch.allclose(a.double(), b.double(), rtol=1e-4, atol=1e-6 * float(a.abs().max()))
+    assert rec1.keys() == rec2.keys() and all(rec1[k].shape == rec2[k].shape for k in rec1)
+    assert propagate(digits_model, digits_x, RAP(), torch.tensor([3, 5]), program, chunk=1)[2].tolist() == [3, 5]

@@ -13,17 +13,23 @@ Conventions:
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 from oodlib.attribution.graph import ConvCache, ConvOp, LinearOp, UnsupportedLayerError
 
 
-def safe_div(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a / b`` where ``b != 0``, else 0 (exact division, as the spec states it; the authors'
-    ``safe_divide`` divides by ``b + 1e-9`` instead — see ``benchmarks/bench_attribution.py``)."""
-    return (a / b).masked_fill_(b == 0, 0.0)
+def safe_div(a: torch.Tensor, b: torch.Tensor, eps: float = 0.0) -> torch.Tensor:
+    """The authors' ``safe_divide``: ``a / (b + eps)``, 0 where ``b == 0`` (where ``b + eps == 0``
+    they divide by ``eps``). Their code uses eps = 1e-9; eps = 0 (oodlib's default) is the exact
+    division the spec states. The one safe division of the package, for both conventions.
+
+    eps = 0 takes one pass: for finite ``a`` the quotients of ``b == 0`` are exactly the non-finite
+    ones (±inf, NaN), set to 0 in place (a quotient beyond the float range would read 0 as well).
+    """
+    if not eps:
+        return torch.div(a, b).nan_to_num_(0.0, 0.0, 0.0)
+    den = b + eps
+    return (a / den.masked_fill_(den == 0, eps)).masked_fill_(b == 0, 0.0)
 
 
 def stabilize(z: torch.Tensor, eps: float) -> torch.Tensor:
@@ -61,20 +67,13 @@ def zbeta(op: ConvOp, x: torch.Tensor, w: torch.Tensor, R: torch.Tensor, divide)
     return x * g[:, :c] - low * g[:, c : 2 * c] - high * g[:, 2 * c :]
 
 
-def shift_nonzero(C: torch.Tensor, R: torch.Tensor, scratch: torch.Tensor | None = None) -> torch.Tensor:
+def shift_nonzero(C: torch.Tensor, R: torch.Tensor, eps: float = 0.0) -> torch.Tensor:
     """RAP uniform shifting, in place: subtract (ΣC − ΣR)/#nonzero(C) from every non-zero entry of C
-    (per sample; a float mask and ``addcmul_``, faster on CPU than a bool mask and ``masked_fill_``).
-    ``scratch``: optional tensor of C's shape to hold the mask."""
+    (per sample; the count divided with :func:`safe_div`, ``eps`` its stabilizer)."""
     dims = _dims(C)
-    nz = torch.ne(C, 0, out=scratch if scratch is not None else torch.empty_like(C))
-    k = safe_div(C.sum(dims, keepdim=True) - R.sum(dims, keepdim=True), nz.sum(dims, keepdim=True))
+    nz = torch.ne(C, 0, out=torch.empty_like(C))  # a float mask and ``addcmul_``: faster on CPU than a bool mask
+    k = safe_div(C.sum(dims, keepdim=True) - R.sum(dims, keepdim=True), nz.sum(dims, keepdim=True), eps)
     return C.addcmul_(nz, k, value=-1.0)
-
-
-def nan_to_zero_(t: torch.Tensor) -> torch.Tensor:
-    """Set NaN and ±inf entries of ``t`` to 0 in place: turns ``a / b`` into :func:`safe_div` when
-    every non-finite quotient comes from ``b == 0`` (one pass instead of a mask and a fill)."""
-    return t.nan_to_num_(0.0, 0.0, 0.0)
 
 
 class _LinearConv:
@@ -154,59 +153,65 @@ class RAP:
       second branch (inputs x⁻) is zero for x ≥ 0 and skipped. Conv rules share one stacked
       transposed convolution for the terms with the same weights.
     * input layer: z^β.
+
+    ``eps``: the division stabilizer of every :func:`safe_div` (also in the engine's residual and
+    pooling steps): 0 = exact divisions (default, the spec's convention); 1e-9 = the authors' code.
     """
 
     split = True
 
-    def __init__(self):
-        self._scratch: torch.Tensor | None = None
-
-    def _buffer(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-        """An uninitialized tensor of ``shape`` in one reused flat buffer: fresh memory costs a page
-        fault per 4 KiB on CPU, which for these memory-bound steps is as slow as the arithmetic."""
-        n = math.prod(shape)
-        buf = self._scratch
-        if buf is None or buf.numel() < n or buf.dtype != like.dtype or buf.device != like.device:
-            buf = self._scratch = like.new_empty(n)
-        return buf[:n].view(shape)
+    def __init__(self, eps: float = 0.0):
+        self.eps = eps
 
     def head(self, op: LinearOp, x: torch.Tensor, R: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         w, b = op.params()
         wt, bt = w[target], b[target][:, None]
-        xp = x.clamp(min=0)
+        xp, eps = x.clamp(min=0), self.eps
         z = x * wt
         zpp, zpn = xp * wt.clamp(min=0), xp * wt.clamp(max=0)
         pos, neg = z.clamp(min=0).sum(1, keepdim=True), z.clamp(max=0).sum(1, keepdim=True)
-        b_pos, b_neg = bt * safe_div(pos, pos + neg), bt * safe_div(neg, pos + neg)
-        C = z + zpp * safe_div(b_pos, zpp.sum(1, keepdim=True)) + zpn * safe_div(b_neg, zpn.sum(1, keepdim=True))
-        return C.abs() * safe_div(C.sum(1, keepdim=True), C.abs().sum(1, keepdim=True))
+        b_pos, b_neg = bt * safe_div(pos, pos + neg, eps), bt * safe_div(neg, pos + neg, eps)
+        C = z + zpp * safe_div(b_pos, zpp.sum(1, keepdim=True), eps) + zpn * safe_div(b_neg, zpn.sum(1, keepdim=True), eps)
+        return C.abs() * safe_div(C.sum(1, keepdim=True), C.abs().sum(1, keepdim=True), eps)
 
     def linear(self, op: LinearOp, x: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
         _check_nonnegative(x, op.name)
         w = op.params()[0]
         wp, wn = w.clamp(min=0), -w.clamp(max=0)
         zp, zn = x @ wp.T, x @ wn.T
-        C = x * (safe_div(R, zp) @ wp + safe_div(R, zp + zn) @ wn)
-        return shift_nonzero(C, R)
+        C = x * (safe_div(R, zp, self.eps) @ wp + safe_div(R, zp + zn, self.eps) @ wn)
+        return shift_nonzero(C, R, self.eps)
+
+    def signals(self, R: torch.Tensor, zp: torch.Tensor, zn: torch.Tensor) -> torch.Tensor:
+        """S = [S⁺ ; S⁻] (B×2Co×h×w) for the stacked weights [w⁺; |w⁻|], Z = Z⁺ + |Z⁻|:
+        S⁺ = R⁺/Z⁺ · g and S⁻ = R⁻/|Z⁻| · g + R/Z · h, g = Z/(Z+ε), h = |Z⁻|/(|Z⁻|+ε) — the authors'
+        four terms R⁺·one/Z⁺, (R⁻·one + R⁺·share + R⁻·share)/|Z⁻| with one = Z/Z and
+        share = |Z⁻|/Z, every division stabilized; for ε = 0, g = h = 1. (Where |Z⁻| = 0 and ε = 0,
+        S⁻ keeps R/Z where the authors' code has 0: every x_i·|w⁻_ij| feeding that output is 0, so
+        the contributions C are the same.)"""
+        eps = self.eps
+        Z = zp + zn
+        sp = safe_div(R.clamp(min=0), zp, eps)
+        sn = safe_div(R.clamp(max=0), zn, eps)
+        r = safe_div(R, Z, eps)
+        if eps:
+            g = Z / (Z + eps)
+            sp.mul_(g)
+            sn.mul_(g)
+            r.mul_(zn / (zn + eps))
+        return torch.cat([sp, sn.add_(r)], 1)
 
     def conv(self, op: ConvOp, cache: ConvCache, R: torch.Tensor) -> torch.Tensor:
-        """Signals S = [R⁺/Z⁺ ; R/(Z⁺+|Z⁻|) + R⁻/|Z⁻|] (B×2Co×h×w, zero where a denominator is zero)
-        through one transposed convolution with the stacked weights [w⁺; |w⁻|]: the four terms
-        share two denominators and two weights. Built in place in one buffer (memory-bound)."""
+        """C = x ⊙ convᵀ(S, [w⁺; |w⁻|]) — one transposed convolution for the four terms (they share
+        two denominators and two weights) — then uniform shifting."""
         if not op.nonneg_input:
             raise UnsupportedLayerError(f"layer {op.name!r}: RAP needs non-negative (post-ReLU) conv inputs")
-        x, zp, zn = cache.x, cache.zp, cache.zn
-        co = R.shape[1]
-        S = self._buffer((R.shape[0], 2 * co, *R.shape[2:]), R)
-        sa, sb = S[:, :co], S[:, co:]
-        nan_to_zero_(torch.clamp(R, max=0, out=sa).div_(zn))  # sa holds R⁻/|Z⁻| for a moment
-        nan_to_zero_(torch.div(R, torch.add(zp, zn, out=sb), out=sb)).add_(sa)
-        nan_to_zero_(torch.clamp(R, min=0, out=sa).div_(zp))
-        C = op.conv2d_t(S, cache.w, x.shape).mul_(x)
-        return shift_nonzero(C, R, self._buffer(C.shape, C))  # S is dead: its memory holds the mask
+        x = cache.x
+        C = op.conv2d_t(self.signals(R, cache.zp, cache.zn), cache.w, x.shape).mul_(x)
+        return shift_nonzero(C, R, self.eps)
 
     def input_conv(self, op: ConvOp, cache: ConvCache, R: torch.Tensor) -> torch.Tensor:
-        return zbeta(op, cache.x, op.weight, R, safe_div)
+        return zbeta(op, cache.x, op.weight, R, lambda a, b: safe_div(a, b, self.eps))
 
 
 AE_TERMS = ("C", "A", "U", "shift")
