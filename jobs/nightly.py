@@ -35,7 +35,7 @@ from oodlib.data.digits import build_digits
 from oodlib.data.manifest import (
     ManifestError, manifest_from_cifar_binary, manifest_from_image_folder, manifest_from_image_sets, manifest_from_list_file,
     manifest_from_npy,
-    read_manifest, row_problems,
+    read_manifest, row_problems, spread_sample,
 )
 from oodlib.data.longtail import long_tail_split
 from oodlib.detectors import Detector, Head, make_detector
@@ -120,7 +120,7 @@ def long_tail_tables(table: pa.Table, imbalance_ratio: float, val_per_class: int
 
 def select_rows(manifest: pa.Table, cfg: JobConfig, num_classes: int) -> tuple[pa.Table, pa.Table]:
     """Rows of the configured datasets (every split), at most ``limit_per_split`` per (dataset, split)
-    (evenly spaced in manifest order),
+    (:func:`~oodlib.data.manifest.spread_sample`: every class, evenly spaced in manifest order),
     split into usable rows and quarantined ones (duplicate ids, bad labels … with the reason).
 
     Raises :class:`ConfigError` naming the config field when a dataset is not in the manifest.
@@ -141,10 +141,11 @@ def select_rows(manifest: pa.Table, cfg: JobConfig, num_classes: int) -> tuple[p
     table = manifest.filter(pc.is_in(manifest.column("dataset"), pa.array(datasets)))
     if cfg.data.limit_per_split:
         keys = np.char.add(np.asarray(table.column("dataset").to_pylist(), str), np.asarray(table.column("split").to_pylist(), str))
+        labels = np.asarray(table.column("label").fill_null(-1).to_numpy(zero_copy_only=False))
         keep = np.zeros(len(keys), bool)
-        for k in np.unique(keys):  # evenly spaced rows: a subset that spans the whole set (all levels of digits-c)
+        for k in np.unique(keys):
             rows = np.flatnonzero(keys == k)
-            keep[rows[np.linspace(0, len(rows), min(len(rows), cfg.data.limit_per_split), endpoint=False).astype(int)]] = True
+            keep[rows[spread_sample(labels[rows], cfg.data.limit_per_split)]] = True
         table = table.filter(pa.array(keep))
     reasons = row_problems(table, num_classes)
     bad = pa.array([r is not None for r in reasons])

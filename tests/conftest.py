@@ -9,6 +9,9 @@ import torch
 
 # Ray token auth on for every Ray the tests start or talk to (read by Ray when it is imported)
 os.environ.setdefault("RAY_AUTH_MODE", "token")
+# Ray gives a new GCS 30 s to bind its port; on a busy 2-core machine (a previous test's Ray still
+# shutting down) that has run out in the fault-tolerance tests' Cluster start. Ray's own knob:
+os.environ.setdefault("RAY_gcs_server_port_wait_time_s", "120")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 

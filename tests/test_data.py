@@ -163,3 +163,22 @@ def test_imagenet_resize_and_center_crop():
     # resize shorter side to 256 → 341×256, crop 224 centred: the white edge sits at column ~112
     row = x[0, 0, 100].numpy()
     assert row[:100].max() < 0 and row[130:].min() > 0
+
+
+def test_spread_sample_covers_every_class_and_spreads():
+    """Periodic class order (the digits' own): evenly spaced rows of the whole set alias and miss a
+    class; spread_sample shares the limit over the classes and spaces each class's rows."""
+    from oodlib.data.manifest import spread_sample
+
+    labels = np.tile(np.arange(8), 108)  # 864 rows, period 8; stride 864/20 ≈ 43 would alias
+    idx = spread_sample(labels, 20)
+    assert len(idx) == 20 and np.all(np.diff(idx) > 0)
+    assert sorted(np.bincount(labels[idx], minlength=8).tolist()) == [2] * 4 + [3] * 4
+    rows0 = np.flatnonzero(labels == 0)  # class 0 (first seen) gets 3 rows, evenly spaced: 0, 36, 72 of 108
+    assert idx[labels[idx] == 0].tolist() == rows0[[0, 36, 72]].tolist()
+    # a class smaller than its share gives the rest to the others; limit ≥ N keeps everything
+    small = np.array([0] * 10 + [1] * 2 + [2] * 10)
+    assert np.bincount(small[spread_sample(small, 12)]).tolist() == [5, 2, 5]
+    assert spread_sample(small, 100).tolist() == list(range(22))
+    # one class (an OOD set, label −1): evenly spaced in order
+    assert spread_sample(np.full(10, -1), 5).tolist() == [0, 2, 4, 6, 8]

@@ -212,7 +212,11 @@ def test_activation_sketch_bounds_and_merge():
 
 
 def test_detectors_rank_id_digits_above_near_ood(digits_model, digits_inputs):
-    """Every detector ranks ID test digits above the held-out digits 8–9 (sign and wiring check)."""
+    """Every detector ranks ID test digits above the held-out digits 8–9 (sign and wiring check: a
+    flipped sign gives AUROC < 0.5). The scores that use the whole feature vector reach ≥ 0.95 here;
+    those that prune the 64-feature head (DICE p = 90 keeps 51 of its 512 weights) are weaker, and
+    move with the model's training rounding on each CPU (DICE+ReAct ≈ 0.70, DICE ≈ 0.80, LINE ≈ 0.86)."""
+    floor = {"dice": 0.6, "dice_react": 0.6, "line": 0.6}
     def feats(key):
         with torch.no_grad():
             h = digits_model.features(digits_inputs[key][0]).numpy()
@@ -229,4 +233,4 @@ def test_detectors_rank_id_digits_above_near_ood(digits_model, digits_inputs):
         s_id, s_ood = det.score(inputs(h_id, head)), det.score(inputs(h_ood, head))
         assert s_id.dtype == np.float32 and s_id.shape == (len(h_id),)
         auroc = roc_auc_score(np.r_[np.ones(len(s_id)), np.zeros(len(s_ood))], np.r_[s_id, s_ood])
-        assert auroc > 0.7, (name, auroc)
+        assert auroc > floor.get(name, 0.9), (name, auroc)

@@ -265,6 +265,30 @@ def row_problems(table: pa.Table, num_classes: int | None = None) -> list[str | 
     return reasons
 
 
+def spread_sample(labels: np.ndarray, limit: int) -> np.ndarray:
+    """Sorted indices of at most ``limit`` rows, spread over the classes and over the order.
+
+    ``labels`` (N,): one class per row (−1 for OOD). The rows are shared out over the classes as
+    evenly as their sizes allow (a class smaller than its share gives its rest to the others),
+    and each class's rows are taken evenly spaced in their order — so every class is present
+    whenever ``limit`` ≥ #classes, and a set ordered by level (``digits-c``) keeps every level.
+    (Evenly spaced rows of the whole set would alias with a periodic class order.)
+    """
+    labels = np.asarray(labels)
+    classes, first = np.unique(labels, return_index=True)
+    members = [np.flatnonzero(labels == c) for c in classes[np.argsort(first)]]
+    quota, left = np.zeros(len(members), int), min(limit, len(labels))
+    while left:
+        open_ = [g for g, rows in enumerate(members) if quota[g] < len(rows)]
+        share, extra = divmod(left, len(open_))
+        for i, g in enumerate(open_):
+            take = min(share + (i < extra), len(members[g]) - quota[g])
+            quota[g] += take
+            left -= take
+    picked = [rows[np.linspace(0, len(rows), q, endpoint=False).astype(int)] for rows, q in zip(members, quota)]
+    return np.sort(np.concatenate(picked)) if picked else np.zeros(0, int)
+
+
 def read_manifest(path: str | Path, strict: bool = True) -> pa.Table:
     """Read a manifest Parquet file; ``strict`` also rejects bad rows (see :func:`row_problems`)."""
     path = Path(path)
