@@ -167,6 +167,30 @@ class GraphConfig(Strict):
         return known_names(v, ABLATIONS, "ablation")
 
 
+class LocalizationDataConfig(Strict):
+    """Localization ground truth on disk (``oodlib.data.localization.localization_from_files``):
+    a list file of ``path label [object_name]`` lines and either segmentation masks
+    (``masks_dir/<image stem>.png``, non-zero = the object; ImageNet-S, the ImageNet segmentation
+    subset) or PASCAL VOC box annotations (``voc_dir/<image stem>.xml``)."""
+
+    list_file: Path
+    masks_dir: Path | None = None
+    voc_dir: Path | None = None
+    #: pointing-game tolerance in input pixels (15 is the usual value for VOC boxes)
+    tolerance: int = Field(default=0, ge=0)
+
+    @model_validator(mode="after")
+    def _paths_exist(self) -> "LocalizationDataConfig":
+        if not self.list_file.is_file():
+            raise ValueError(f"list_file {self.list_file} does not exist")
+        if (self.masks_dir is None) == (self.voc_dir is None):
+            raise ValueError("give exactly one of masks_dir (segmentation masks) and voc_dir (VOC boxes)")
+        folder = self.masks_dir or self.voc_dir
+        if not folder.is_dir():
+            raise ValueError(f"{'masks_dir' if self.masks_dir else 'voc_dir'} {folder} is not a directory")
+        return self
+
+
 class ExplainConfig(Strict):
     """EXPLAIN: relevance maps for a selected sample and the localization benchmark."""
 
@@ -177,9 +201,12 @@ class ExplainConfig(Strict):
         default_factory=lambda: {"wrong": 6, "uncertain": 6, "risky_ood": 6, "random": 6}
     )
     seed: int = 0
-    #: run the localization benchmark (digits pasted on photo patches; embedded default only)
+    #: run the localization benchmark: on ``localization_data`` when given, else on the embedded
+    #: set (digits pasted on photo patches at known positions; a digits model)
     localization: bool = False
+    #: images of the localization benchmark (the first that many of ``localization_data``)
     localization_images: int = Field(default=200, gt=0)
+    localization_data: LocalizationDataConfig | None = None
 
     @field_validator("methods")
     @classmethod
@@ -254,6 +281,14 @@ class JobConfig(Strict):
         missing = [d for d in self.errors.extra_datasets if d not in self.data.extra_datasets and d != self.data.id_dataset]
         if self.errors.enabled and missing:
             raise ValueError(f"errors.extra_datasets: {missing} must also be listed in data.extra_datasets")
+        return self
+
+    @model_validator(mode="after")
+    def _embedded_localization_on_digits(self) -> "JobConfig":
+        ex = self.explain
+        if ex.enabled and ex.localization and ex.localization_data is None and self.model.name != "digits-cnn":
+            raise ValueError(f"explain.localization_data: the embedded localization set is for digits-cnn; "
+                             f"model {self.model.name!r} needs ground truth on disk (list_file + masks_dir or voc_dir)")
         return self
 
     @model_validator(mode="after")

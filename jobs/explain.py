@@ -3,9 +3,10 @@
 Selection (from the scores table): wrong predictions, the most uncertain ID images, the OOD
 images a detector finds most ID-like, and a seeded random sample. Maps are computed in one Ray
 task (a GPU when the cluster has one) and written as Parquet (one row per image and method,
-float16), with PNG grids (image | method maps). On the embedded default, the localization set
-(digits pasted on photo patches at known positions) gives the metrics tables of RAP Table 1 and
-AE Tables 1–3 plus the AE ablation.
+float16), with PNG grids (image | method maps). The localization benchmark — on the embedded
+set (digits pasted on photo patches at known positions) or on ground truth on disk
+(segmentation masks or VOC boxes, ``explain.localization_data``) — gives the metrics tables of
+RAP Table 1 and AE Tables 1–3 plus the AE ablation.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from oodlib.attribution.report import render_grid, select_images
 from oodlib.data.decode import decode_batch
 from oodlib.device import resolve_device
 
-STAGE_VERSION = 1
+STAGE_VERSION = 2  # 2: localization maps explain the labelled class
 MAPS_SCHEMA_FIELDS = ["image_id", "reason", "method", "pred", "label", "height", "width", "map"]
 
 
@@ -35,15 +36,18 @@ def method_options(method: str) -> tuple[str, dict]:
     return method, {}
 
 
-def compute_maps(model, x: torch.Tensor, methods: list[str], batch_size: int = 16) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """{method: maps N×H×W float32} for the predicted class, and the predictions (N,)."""
+def compute_maps(
+    model, x: torch.Tensor, methods: list[str], batch_size: int = 16, target: torch.Tensor | None = None,
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """{method: maps N×H×W float32} for ``target`` (N,; default the predicted class), and the
+    predictions (N,)."""
     maps: dict[str, list[np.ndarray]] = {m: [] for m in methods}
     preds = []
     for i in range(0, len(x), batch_size):
-        xb = x[i : i + batch_size]
+        xb, tb = x[i : i + batch_size], None if target is None else target[i : i + batch_size]
         for m in methods:
             name, opts = method_options(m)
-            out, logits, _ = explain(model, xb, method=name, **opts)
+            out, logits, _ = explain(model, xb, method=name, target=tb, **opts)
             maps[m].append(out.detach().float().cpu().numpy())
         preds.append(logits.argmax(1).cpu().numpy())
     return {m: np.concatenate(v) for m, v in maps.items()}, np.concatenate(preds)
@@ -59,19 +63,28 @@ def explain_task(spec_state: dict, model_name: str, num_classes: int, images: li
     maps, preds = compute_maps(model, x.to(device), methods)
     result = {"maps": maps, "pred": preds, "reasons": reasons, "inputs": x.numpy()}
     if localization is not None:
-        result["localization"] = localization_benchmark(model, localization["n"], localization["methods"], device)
+        result["localization"] = localization_benchmark(
+            model, localization["n"], localization["methods"], device, localization.get("data"))
     return result
 
 
-def localization_benchmark(model, n: int, methods: list[str], device: torch.device) -> dict[str, pd.DataFrame]:
-    """Metrics per method on the embedded localization set, plus LeRF deletion curves."""
-    from oodlib.data.localization import build_localization
+def localization_benchmark(
+    model, n: int, methods: list[str], device: torch.device, data: dict | None = None,
+) -> dict[str, pd.DataFrame]:
+    """Metrics per method, plus LeRF deletion curves, with the maps of each image's labelled class
+    (the pointing game's protocol). ``data``: ground truth on disk (the fields of
+    :class:`jobs.config.LocalizationDataConfig`); None = the embedded digits-on-photos set."""
+    from oodlib.data.localization import build_localization, localization_from_files
 
-    loc = build_localization(seed=0, n=n)
+    if data is None:
+        loc, tolerance = build_localization(seed=0, n=n), 0
+    else:
+        loc = localization_from_files(data["list_file"], model.preprocess, data.get("masks_dir"), data.get("voc_dir"), limit=n)
+        tolerance = data["tolerance"]
     x = torch.from_numpy(loc.inputs()).to(device)
-    maps, preds = compute_maps(model, x, methods)
-    target = torch.as_tensor(preds, device=device)
-    table = localization_table(maps, loc.masks, loc.box_masks(), morf={"model": model, "x": x, "target": target})
+    target = torch.as_tensor(loc.labels, device=device)
+    maps, preds = compute_maps(model, x, methods, target=target)
+    table = localization_table(maps, loc.masks, loc.box_masks(), tolerance, morf={"model": model, "x": x, "target": target})
     table["accuracy"] = float(np.mean(preds == loc.labels))
     lerf = {m: lerf_deletion(model, x, maps[m], target, steps=10) for m in methods if not m.startswith("ae[")}
     lerf_df = pd.DataFrame(
@@ -117,7 +130,10 @@ def run_explain(
     rows = manifest.filter(pc.is_in(manifest.column("image_id"), pa.array(chosen.image_id.tolist())))
     order = {iid: i for i, iid in enumerate(rows.column("image_id").to_pylist())}
     rows = rows.take(pa.array([order[i] for i in chosen.image_id]))
-    localization = {"n": ex.localization_images, "methods": ex.methods + [f"ae[{k}]" for k in AE_ABLATION]} if ex.localization else None
+    localization = {
+        "n": ex.localization_images, "methods": ex.methods + [f"ae[{k}]" for k in AE_ABLATION],
+        "data": None if ex.localization_data is None else ex.localization_data.model_dump(mode="json"),
+    } if ex.localization else None
     task = ray.remote(explain_task).options(num_gpus=num_gpus, num_cpus=1)
     result = ray.get(task.remote(model_state_ref, model.name, model.num_classes, rows.column("image").to_pylist(),
                                  rows.column("path").to_pylist(), ex.methods, localization))

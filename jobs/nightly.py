@@ -251,7 +251,10 @@ def run_explain_stage(
     from jobs import explain
 
     t0 = time.time()
-    key = storage.content_key("explain", explain.STAGE_VERSION, scores=scores_key, model=model_hash, explain=cfg.explain.model_dump())
+    loc = cfg.explain.localization_data  # ground truth on disk: its list file and folders by stat
+    truth = None if loc is None else [shards.row_digest(None, str(p)) for p in (loc.list_file, loc.masks_dir or loc.voc_dir)]
+    key = storage.content_key("explain", explain.STAGE_VERSION, scores=scores_key, model=model_hash,
+                              explain=cfg.explain.model_dump(), truth=truth)
     target = storage.stage_dir(cfg.output, cfg.experiment, "explain", key)
     reused = target.done
     if not reused:

@@ -147,3 +147,112 @@ def test_render_grid(tmp_path, loc):
     path = render_grid(loc.images[:2], maps, tmp_path / "grid.png", titles=["x", "y"])
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
+
+
+# --- ground truth on disk: segmentation masks and VOC boxes --------------------------------------
+
+
+def _png(path, array):
+    from PIL import Image
+
+    Image.fromarray(array).save(path)
+    return path
+
+
+def test_masks_follow_the_images_resize_and_center_crop(tmp_path):
+    """A 400×300 RGB image, top half red, bottom half blue, its mask = the bottom half. ImageNet's
+    geometry: shorter side 300 → 256 (341×256), center crop 224 from row 16, column 58, so the
+    mask is rows ≥ 112 of the crop (up to nearest-neighbour rounding at the border); the inputs
+    equal the decode path's, pixel for pixel."""
+    from oodlib.data.decode import decode_batch
+    from oodlib.data.localization import localization_from_files
+    from oodlib.models.base import IMAGENET_PREPROCESS
+
+    img = np.zeros((300, 400, 3), np.uint8)
+    img[:150, :, 0], img[150:, :, 2] = 200, 180
+    _png(tmp_path / "a.png", img)
+    (tmp_path / "masks").mkdir()
+    _png(tmp_path / "masks" / "a.png", (np.arange(300)[:, None] >= 150).repeat(400, 1).astype(np.uint8))
+    (tmp_path / "list.txt").write_text("# path label\na.png 7\n")
+    loc = localization_from_files(tmp_path / "list.txt", IMAGENET_PREPROCESS, masks_dir=tmp_path / "masks")
+    assert loc.images.shape == (1, 224, 224, 3) and loc.masks.shape == (1, 224, 224) and loc.labels.tolist() == [7]
+    rows = loc.masks[0].all(1)
+    assert rows[113:].all() and not loc.masks[0][:111].any()
+    assert loc.boxes[0].tolist()[1:] == [0, 224, 224] and loc.boxes[0][0] in (111, 112, 113)
+    assert tuple(loc.images[0, 50, 100]) == (200, 0, 0) and tuple(loc.images[0, 200, 100]) == (0, 0, 180)
+    x, _ = decode_batch([None], [str(tmp_path / "a.png")], IMAGENET_PREPROCESS)
+    assert np.array_equal(loc.inputs(), x.numpy())
+
+
+def test_voc_boxes_pick_the_named_objects(tmp_path):
+    """VOC boxes are 1-based and inclusive: xmin 11 … xmax 30 are columns 10–29. With an object
+    name, only that class's boxes form the mask; without, the union of all boxes."""
+    from oodlib.data.localization import localization_from_files, voc_boxes
+    from oodlib.models.base import Preprocess
+
+    pre = Preprocess(mode="RGB", size=(64, 64), mean=(0.0,) * 3, std=(1.0,) * 3)  # no resize, no crop
+    _png(tmp_path / "b.jpg.png", np.full((64, 64, 3), 90, np.uint8))
+    (tmp_path / "ann").mkdir()
+    obj = "<object><name>{}</name><bndbox><xmin>{}</xmin><ymin>{}</ymin><xmax>{}</xmax><ymax>{}</ymax></bndbox></object>"
+    (tmp_path / "ann" / "b.jpg.xml").write_text(
+        "<annotation><filename>b.jpg</filename>" + obj.format("dog", 11, 21, 30, 40) + obj.format("cat", 50, 1, 64, 5)
+        + "</annotation>")
+    assert voc_boxes(tmp_path / "ann" / "b.jpg.xml") == [(20, 10, 40, 30), (0, 49, 5, 64)]
+    (tmp_path / "list.txt").write_text("b.jpg.png, 12, dog\n")
+    loc = localization_from_files(tmp_path / "list.txt", pre, voc_dir=tmp_path / "ann")
+    expected = np.zeros((64, 64), bool)
+    expected[20:40, 10:30] = True
+    assert np.array_equal(loc.masks[0], expected) and loc.boxes[0].tolist() == [20, 10, 40, 30]
+    assert np.allclose(loc.inputs(), 90 / 255) and loc.labels.tolist() == [12]
+    (tmp_path / "all.txt").write_text("b.jpg.png 12\n")
+    both = localization_from_files(tmp_path / "all.txt", pre, voc_dir=tmp_path / "ann")
+    assert both.masks[0].sum() == 20 * 20 + 5 * 15
+
+
+def test_ground_truth_errors_name_the_file(tmp_path):
+    from oodlib.data.localization import localization_from_files, read_localization_list, voc_boxes
+    from oodlib.models.base import IMAGENET_PREPROCESS
+
+    (tmp_path / "masks").mkdir()
+    (tmp_path / "bad.txt").write_text("a.png\n")
+    with pytest.raises(ValueError, match=r"bad.txt:1: expected 'path label \[object_name\]'"):
+        read_localization_list(tmp_path / "bad.txt")
+    _png(tmp_path / "a.png", np.zeros((40, 40, 3), np.uint8))
+    (tmp_path / "list.txt").write_text("a.png 1\n")
+    with pytest.raises(ValueError, match=r"a.png: no mask .*masks/a.png"):
+        localization_from_files(tmp_path / "list.txt", IMAGENET_PREPROCESS, masks_dir=tmp_path / "masks")
+    corner = np.zeros((40, 80), np.uint8)
+    corner[:, :5] = 1  # the object lies outside the center crop
+    _png(tmp_path / "a.png", np.zeros((40, 80, 3), np.uint8))
+    _png(tmp_path / "masks" / "a.png", corner)
+    with pytest.raises(ValueError, match="a.png: the object mask is empty in the model's input crop"):
+        localization_from_files(tmp_path / "list.txt", IMAGENET_PREPROCESS, masks_dir=tmp_path / "masks")
+    (tmp_path / "x.xml").write_text("<annotation><object><name>dog</name></object></annotation>")
+    with pytest.raises(ValueError, match="x.xml: not a PASCAL VOC annotation"):
+        voc_boxes(tmp_path / "x.xml")
+    with pytest.raises(ValueError, match="exactly one of masks_dir and voc_dir"):
+        localization_from_files(tmp_path / "list.txt", IMAGENET_PREPROCESS)
+
+
+def test_localization_benchmark_on_files_equals_embedded(tmp_path, digits_model):
+    """The embedded set written to disk (PNG images, PNG stroke masks, a list file) and read back
+    as user ground truth gives the same localization table as the embedded path."""
+    from jobs.explain import localization_benchmark
+
+    n, methods = 12, ["rap", "gradient"]
+    loc = build_localization(seed=0, n=n)
+    (tmp_path / "masks").mkdir()
+    lines = []
+    for i, (im, m, y) in enumerate(zip(loc.images, loc.masks, loc.labels)):
+        _png(tmp_path / f"im{i:02d}.png", im)
+        _png(tmp_path / "masks" / f"im{i:02d}.png", m.astype(np.uint8))
+        lines.append(f"im{i:02d}.png {y}")
+    (tmp_path / "list.txt").write_text("\n".join(lines) + "\n")
+    data = {"list_file": str(tmp_path / "list.txt"), "masks_dir": str(tmp_path / "masks"), "voc_dir": None, "tolerance": 0}
+    embedded = localization_benchmark(digits_model, n, methods, torch.device("cpu"))
+    on_disk = localization_benchmark(digits_model, n, methods, torch.device("cpu"), data)
+    for k in ("table", "lerf"):
+        a, b = embedded[k], on_disk[k]
+        assert list(a.columns) == list(b.columns) and len(a) == len(b) > 0
+        assert np.allclose(a.select_dtypes("number").to_numpy(), b.select_dtypes("number").to_numpy(), rtol=1e-5, atol=1e-6)
+    assert embedded["table"].method.tolist() == methods and 0.5 < float(embedded["table"]["accuracy"].iloc[0]) <= 1.0

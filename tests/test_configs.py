@@ -21,6 +21,11 @@ def test_shipped_config_validates(path, tmp_path):
     raw = yaml.safe_load(text)
     for s in raw.get("data", {}).get("sets", []):  # create the placeholder roots
         Path(s["root"]).mkdir(parents=True, exist_ok=True)
+    truth = raw.get("explain", {}).get("localization_data")
+    if truth:  # placeholder ground truth: the list file and the masks / annotations folder
+        Path(truth["list_file"]).parent.mkdir(parents=True, exist_ok=True)
+        Path(truth["list_file"]).touch()
+        Path(truth.get("masks_dir") or truth["voc_dir"]).mkdir(parents=True, exist_ok=True)
     weights = raw.get("model", {}).get("weights")
     if weights and "/" in weights:
         Path(weights).parent.mkdir(parents=True, exist_ok=True)
@@ -90,3 +95,25 @@ def test_missing_root_named(tmp_path):
 
     with pytest.raises(ConfigError, match=r"data.sets.0: .*does not exist \(dataset 'x'\)"):
         parse_config({"experiment": "e", "data": {"source": "folders", "sets": [{"dataset": "x", "split": "test", "root": str(tmp_path / "nope")}]}})
+
+
+def test_localization_ground_truth_validated(tmp_path):
+    """explain.localization_data: files must exist, exactly one of masks/VOC; a non-digits model
+    cannot use the embedded digits localization set."""
+    from jobs.config import ConfigError
+
+    base = {"experiment": "e", "explain": {"enabled": True, "localization": True}}
+    with pytest.raises(ConfigError, match=r"explain.localization_data: the embedded localization set is for digits-cnn"):
+        parse_config({**base, "model": {"name": "resnet18"}})
+    (tmp_path / "list.txt").write_text("a.png 1\n")
+    (tmp_path / "masks").mkdir()
+    truth = {"list_file": str(tmp_path / "list.txt")}
+    with pytest.raises(ConfigError, match="explain.localization_data: .*exactly one of masks_dir"):
+        parse_config({**base, "explain": {**base["explain"], "localization_data": truth}})
+    with pytest.raises(ConfigError, match=r"explain.localization_data: .*voc_dir .*nope is not a directory"):
+        parse_config({**base, "explain": {**base["explain"], "localization_data": {**truth, "voc_dir": str(tmp_path / "nope")}}})
+    with pytest.raises(ConfigError, match=r"explain.localization_data: .*list_file .*missing.txt does not exist"):
+        parse_config({**base, "explain": {**base["explain"], "localization_data": {"list_file": str(tmp_path / "missing.txt"), "masks_dir": str(tmp_path / "masks")}}})
+    cfg = parse_config({**base, "model": {"name": "resnet18"},
+                        "explain": {**base["explain"], "localization_data": {**truth, "masks_dir": str(tmp_path / "masks")}}})
+    assert cfg.explain.localization_data.masks_dir == tmp_path / "masks" and cfg.explain.localization_data.tolerance == 0

@@ -63,19 +63,31 @@ def to_mode(img: Image.Image, mode: str) -> Image.Image:
     return img.convert(mode)
 
 
-def preprocess_pil(img: Image.Image, pre: Preprocess) -> np.ndarray:
-    """Resize (and center-crop), scale to [0, 1], normalize: float32 C×H×W."""
-    img = to_mode(img, pre.mode)
+def fit_geometry(img: Image.Image, pre: Preprocess, resample: int = Image.BILINEAR) -> Image.Image:
+    """Resize (shorter side to ``pre.resize``, then torchvision's CenterCrop to ``pre.size``), or
+    resize straight to ``pre.size``. ``resample=Image.NEAREST`` moves a label mask exactly as the
+    image moves (localization ground truth)."""
     if pre.resize is not None:
         scale = pre.resize / min(img.size)
-        img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.BILINEAR)
+        img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), resample)
         top = int(round((img.height - pre.size[0]) / 2.0))
         left = int(round((img.width - pre.size[1]) / 2.0))
-        img = img.crop((left, top, left + pre.size[1], top + pre.size[0]))  # torchvision CenterCrop
-    elif img.size != (pre.size[1], pre.size[0]):
-        img = img.resize((pre.size[1], pre.size[0]), Image.BILINEAR)
-    arr = np.asarray(img, dtype=np.float32) / 255.0
-    arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+        return img.crop((left, top, left + pre.size[1], top + pre.size[0]))
+    if img.size != (pre.size[1], pre.size[0]):
+        img = img.resize((pre.size[1], pre.size[0]), resample)
+    return img
+
+
+def preprocess_pil(img: Image.Image, pre: Preprocess) -> np.ndarray:
+    """Resize (and center-crop), scale to [0, 1], normalize: float32 C×H×W."""
+    return normalize(np.asarray(fit_geometry(to_mode(img, pre.mode), pre), dtype=np.uint8), pre)
+
+
+def normalize(pixels: np.ndarray, pre: Preprocess) -> np.ndarray:
+    """uint8 pixels at ``pre``'s size — H×W (grey) or H×W×C, or a batch of them — → float32 C×H×W
+    (N×C×H×W): scaled to [0, 1], minus ``pre.mean``, over ``pre.std``."""
+    arr = np.asarray(pixels, dtype=np.float32) / 255.0
+    arr = np.moveaxis(arr[..., None] if pre.channels == 1 else arr, -1, -3)
     mean = np.asarray(pre.mean, np.float32)[:, None, None]
     std = np.asarray(pre.std, np.float32)[:, None, None]
     return (arr - mean) / std
