@@ -69,7 +69,7 @@ class DataConfig(Strict):
     seed: int = 0
     id_dataset: str = "digits"
     ood_datasets: list[str] = Field(default_factory=lambda: ["digits-near", "photo-patches", "noise"])
-    #: keep at most this many images per (dataset, split), every class, evenly spaced — for quick runs and tests
+    #: keep at most this many images per (dataset, split), every subset and class, evenly spaced — for quick runs and tests
     limit_per_split: int | None = Field(default=None, gt=0)
     #: extra datasets to embed and score without OOD evaluation (e.g. digits-c, LT train sets)
     extra_datasets: list[str] = Field(default_factory=list)

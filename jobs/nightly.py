@@ -120,7 +120,7 @@ def long_tail_tables(table: pa.Table, imbalance_ratio: float, val_per_class: int
 
 def select_rows(manifest: pa.Table, cfg: JobConfig, num_classes: int) -> tuple[pa.Table, pa.Table]:
     """Rows of the configured datasets (every split), at most ``limit_per_split`` per (dataset, split)
-    (:func:`~oodlib.data.manifest.spread_sample`: every class, evenly spaced in manifest order),
+    (:func:`~oodlib.data.manifest.spread_sample`: every subset and class, evenly spaced in manifest order),
     split into usable rows and quarantined ones (duplicate ids, bad labels … with the reason).
 
     Raises :class:`ConfigError` naming the config field when a dataset is not in the manifest.
@@ -142,10 +142,11 @@ def select_rows(manifest: pa.Table, cfg: JobConfig, num_classes: int) -> tuple[p
     if cfg.data.limit_per_split:
         keys = np.char.add(np.asarray(table.column("dataset").to_pylist(), str), np.asarray(table.column("split").to_pylist(), str))
         labels = np.asarray(table.column("label").fill_null(-1).to_numpy(zero_copy_only=False))
+        subsets = np.asarray(table.column("subset").fill_null("").to_pylist(), str)
         keep = np.zeros(len(keys), bool)
         for k in np.unique(keys):
             rows = np.flatnonzero(keys == k)
-            keep[rows[spread_sample(labels[rows], cfg.data.limit_per_split)]] = True
+            keep[rows[spread_sample(labels[rows], cfg.data.limit_per_split, subsets[rows])]] = True
         table = table.filter(pa.array(keep))
     reasons = row_problems(table, num_classes)
     bad = pa.array([r is not None for r in reasons])

@@ -182,3 +182,16 @@ def test_spread_sample_covers_every_class_and_spreads():
     assert spread_sample(small, 100).tolist() == list(range(22))
     # one class (an OOD set, label −1): evenly spaced in order
     assert spread_sample(np.full(10, -1), 5).tolist() == [0, 2, 4, 6, 8]
+
+
+def test_spread_sample_keeps_every_level():
+    """A level-major set (digits-c: 12 corruption levels × 8 classes × 5 images): 24 rows are 2
+    per level, and inside a level the two rows are of different classes."""
+    from oodlib.data.manifest import spread_sample
+
+    levels = np.repeat(np.arange(12), 40)
+    labels = np.tile(np.repeat(np.arange(8), 5), 12)
+    idx = spread_sample(labels, 24, levels)
+    assert np.bincount(levels[idx], minlength=12).tolist() == [2] * 12
+    assert all(len(set(labels[idx][levels[idx] == lv])) == 2 for lv in range(12))
+    assert len(set(map(tuple, np.c_[levels[idx], labels[idx]]))) == 24

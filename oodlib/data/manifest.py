@@ -265,19 +265,12 @@ def row_problems(table: pa.Table, num_classes: int | None = None) -> list[str | 
     return reasons
 
 
-def spread_sample(labels: np.ndarray, limit: int) -> np.ndarray:
-    """Sorted indices of at most ``limit`` rows, spread over the classes and over the order.
-
-    ``labels`` (N,): one class per row (−1 for OOD). The rows are shared out over the classes as
-    evenly as their sizes allow (a class smaller than its share gives its rest to the others),
-    and each class's rows are taken evenly spaced in their order — so every class is present
-    whenever ``limit`` ≥ #classes, and a set ordered by level (``digits-c``) keeps every level.
-    (Evenly spaced rows of the whole set would alias with a periodic class order.)
-    """
-    labels = np.asarray(labels)
-    classes, first = np.unique(labels, return_index=True)
-    members = [np.flatnonzero(labels == c) for c in classes[np.argsort(first)]]
-    quota, left = np.zeros(len(members), int), min(limit, len(labels))
+def _share(keys: np.ndarray, limit: int) -> list[tuple[np.ndarray, int]]:
+    """(rows, quota) per distinct key in order of first appearance: ``limit`` shared out as evenly
+    as the groups' sizes allow (a group smaller than its share gives the rest to the others)."""
+    uniq, first = np.unique(keys, return_index=True)
+    members = [np.flatnonzero(keys == k) for k in uniq[np.argsort(first)]]
+    quota, left = np.zeros(len(members), int), min(limit, len(keys))
     while left:
         open_ = [g for g, rows in enumerate(members) if quota[g] < len(rows)]
         share, extra = divmod(left, len(open_))
@@ -285,7 +278,27 @@ def spread_sample(labels: np.ndarray, limit: int) -> np.ndarray:
             take = min(share + (i < extra), len(members[g]) - quota[g])
             quota[g] += take
             left -= take
-    picked = [rows[np.linspace(0, len(rows), q, endpoint=False).astype(int)] for rows, q in zip(members, quota)]
+    return list(zip(members, quota.tolist()))
+
+
+def spread_sample(labels: np.ndarray, limit: int, levels: np.ndarray | None = None) -> np.ndarray:
+    """Sorted indices of at most ``limit`` rows, spread over the levels, the classes and the order.
+
+    ``labels`` (N,): one class per row (−1 for OOD). ``levels`` (N,), optional: a second grouping
+    shared out first (a corruption and severity of ``digits-c``), so every level keeps its share;
+    within it the rows are shared out over the classes as evenly as their sizes allow, and each
+    class's rows are taken evenly spaced in their order, class g offset by g/#classes of its
+    stride (equal strides would pick the same positions of a periodic order in every class) —
+    so every class is present whenever the quota ≥ #classes. (Evenly spaced rows of the whole set
+    alias with a periodic class order: 20 of the digits' train split missed class 5.)
+    """
+    labels = np.asarray(labels)
+    if levels is not None:
+        parts = [rows[spread_sample(labels[rows], q)] for rows, q in _share(np.asarray(levels), limit)]
+        return np.sort(np.concatenate(parts)) if parts else np.zeros(0, int)
+    groups = _share(labels, limit)
+    picked = [rows[((np.arange(q) + g / len(groups)) * len(rows) / max(q, 1)).astype(int)]
+              for g, (rows, q) in enumerate(groups)]
     return np.sort(np.concatenate(picked)) if picked else np.zeros(0, int)
 
 
