@@ -41,10 +41,38 @@ def test_exact_knn_equals_brute_force(points):
 def test_symmetric_tiled_search_equals_faiss_flat_and_brute_force(points):
     xn = l2_normalize(points[:203])
     sims, idx = exact_self_knn(xn, k=6, block=64)  # 4×4 tiles, partial last row/column of tiles
-    ref_sims, ref_idx = inner_product_index(xn, "flat", device="cpu").search(xn, 6)
+    ref_sims, ref_idx = faiss_flat(xn).search(xn, 6)
     assert (np.sort(idx, 1) == np.sort(ref_idx, 1)).all()
     assert (np.sort(idx, 1) == np.sort(brute_cosine_knn(points[:203], 6), 1)).all()
     np.testing.assert_allclose(sims, ref_sims, atol=1e-6)
+
+
+def faiss_flat(xn: np.ndarray):
+    """faiss's own exact inner-product index (the oracle for oodlib's CPU search)."""
+    import faiss
+
+    index = faiss.IndexFlatIP(xn.shape[1])
+    index.add(xn)
+    return index
+
+
+def test_flat_ip_search_equals_faiss_and_brute_force(points):
+    """FlatIP (torch GEMM tiles into faiss heaps): queries against another set, several query
+    tiles (block 40 → 4 queries a tile over 400 rows, the last one partial)."""
+    from oodlib.faiss_index import FlatIP
+
+    xb, xq = l2_normalize(points), l2_normalize(points[::3] + 0.1)
+    index = inner_product_index(xb, "flat", device="cpu")
+    assert isinstance(index, FlatIP)
+    for search in (index.search, FlatIP(xb, block=40).search):
+        sims, idx = search(xq, 9)
+        ref_sims, ref_idx = faiss_flat(xb).search(xq, 9)
+        brute = np.argsort(-(xq.astype(np.float64) @ xb.T.astype(np.float64)), axis=1, kind="stable")[:, :9]
+        assert (np.sort(idx, 1) == np.sort(ref_idx, 1)).all() and (np.sort(idx, 1) == np.sort(brute, 1)).all()
+        np.testing.assert_allclose(sims, ref_sims, atol=1e-6)
+        assert (np.diff(sims, axis=1) <= 0).all()
+    with pytest.raises(ValueError, match="k=401 exceeds the 400 indexed rows"):
+        index.search(xq, 401)
 
 
 def test_zero_rows_have_similarity_zero(points):

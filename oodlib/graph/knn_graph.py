@@ -13,9 +13,9 @@ Conventions:
   symmetric adjacency with self-loops, D its degree; returned as a torch sparse CSR matrix and
   cached by the caller (it is the same for every epoch).
 
-Exact search (``index="flat"``) on the CPU is :func:`oodlib.faiss_index.exact_self_knn` (BLAS GEMM
-over the upper triangle of the Gram matrix + faiss heap selection); with all-zero rows present, or
-on a CUDA device with faiss-gpu, a faiss ``IndexFlatIP`` search (on the GPU). ``"ivf"`` (IVF-Flat) and ``"hnsw"`` are
+Exact search (``index="flat"``) on the CPU is :func:`oodlib.faiss_index.exact_self_knn` (torch GEMM
+over the upper triangle of the Gram matrix + faiss heap selection); on a CUDA device with faiss-gpu,
+a faiss ``IndexFlatIP`` search on the GPU. ``"ivf"`` (IVF-Flat) and ``"hnsw"`` are
 approximate indexes for very large node sets (> 1M); measure their recall against exact search on
 a sample with :func:`neighbour_recall`.
 """
@@ -62,7 +62,7 @@ def cosine_knn(
     n = len(xn)
     if not 1 <= k <= n:
         raise ValueError(f"k must lie in [1, N={n}], got {k}")
-    if index == "flat" and not faiss_gpu(device) and xn.any(axis=1).all():
+    if index == "flat" and not faiss_gpu(device):
         sims, nbrs = exact_self_knn(xn, k)
     else:
         idx = inner_product_index(xn, index, nlist, nprobe, hnsw_m, ef_search, device=device)
