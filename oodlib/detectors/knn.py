@@ -5,7 +5,7 @@ import faiss
 import numpy as np
 
 from oodlib.detectors.base import Detector, Head, ScoreInputs
-from oodlib.faiss_index import inner_product_index, l2_normalize
+from oodlib.faiss_index import FlatIP, inner_product_index, l2_normalize
 from oodlib.stats import FitStats
 
 class KNN(Detector):
@@ -27,7 +27,7 @@ class KNN(Detector):
         self.nprobe = int(nprobe)
         self.seed = int(seed)
         self.bank: np.ndarray | None = None
-        self._index: faiss.Index | None = None
+        self._index: faiss.Index | FlatIP | None = None
 
     def fit(self, features: np.ndarray, labels: np.ndarray | None = None, head: Head | None = None) -> "KNN":
         bank = l2_normalize(features)
