@@ -64,7 +64,7 @@ def explain_task(spec_state: dict, model_name: str, num_classes: int, images: li
     result = {"maps": maps, "pred": preds, "reasons": reasons, "inputs": x.numpy()}
     if localization is not None:
         result["localization"] = localization_benchmark(
-            model, localization["n"], localization["methods"], device, localization.get("data"))
+            model, localization["n"], localization["methods"], device, localization["data"])
     return result
 
 
@@ -79,7 +79,7 @@ def localization_benchmark(
     if data is None:
         loc, tolerance = build_localization(seed=0, n=n), 0
     else:
-        loc = localization_from_files(data["list_file"], model.preprocess, data.get("masks_dir"), data.get("voc_dir"), limit=n)
+        loc = localization_from_files(data["list_file"], model.preprocess, data["masks_dir"], data["voc_dir"], limit=n)
         tolerance = data["tolerance"]
     x = torch.from_numpy(loc.inputs()).to(device)
     target = torch.as_tensor(loc.labels, device=device)

@@ -78,9 +78,15 @@ def fit_geometry(img: Image.Image, pre: Preprocess, resample: int = Image.BILINE
     return img
 
 
+def input_pixels(img: Image.Image, pre: Preprocess) -> np.ndarray:
+    """The model's input pixels before normalization: ``pre.mode``, resized (and center-cropped);
+    uint8 H×W (grey) or H×W×C."""
+    return np.asarray(fit_geometry(to_mode(img, pre.mode), pre), dtype=np.uint8)
+
+
 def preprocess_pil(img: Image.Image, pre: Preprocess) -> np.ndarray:
     """Resize (and center-crop), scale to [0, 1], normalize: float32 C×H×W."""
-    return normalize(np.asarray(fit_geometry(to_mode(img, pre.mode), pre), dtype=np.uint8), pre)
+    return normalize(input_pixels(img, pre), pre)
 
 
 def normalize(pixels: np.ndarray, pre: Preprocess) -> np.ndarray:

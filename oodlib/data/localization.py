@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from oodlib.data.decode import DecodeError, fit_geometry, load_pil, normalize, to_mode
+from oodlib.data.decode import DecodeError, fit_geometry, input_pixels, load_pil, normalize
 from oodlib.data.digits import IMAGE_SIZE, build_digits, photo_patches
 from oodlib.models.base import DIGITS_PREPROCESS, Preprocess
 
@@ -163,17 +163,17 @@ def localization_from_files(
     rows = read_localization_list(list_file)[:limit]
     images, masks, labels, ids = [], [], [], []
     for path, label, name in rows:
+        stem = Path(path).stem
+        mpath = None if masks_dir is None else Path(masks_dir) / f"{stem}.png"
+        if mpath is not None and not mpath.exists():
+            raise ValueError(f"localization image {path}: no mask {mpath}")
         try:
             img = load_pil(None, path)
+            m = None if mpath is None else load_pil(None, str(mpath))
         except DecodeError as exc:
             raise ValueError(f"localization image {path}: {exc}") from exc
-        stem = Path(path).stem
-        if masks_dir is not None:
-            mpath = Path(masks_dir) / f"{stem}.png"
-            if not mpath.exists():
-                raise ValueError(f"localization image {path}: no mask {mpath}")
-            with Image.open(mpath) as m:  # class indices (L, P, I) or colours (RGB); alpha is no label
-                raw = np.asarray(m.convert("RGB") if m.mode in ("RGBA", "LA", "PA") else m)
+        if m is not None:  # class indices (L, P, I) or colours (RGB); alpha is no label
+            raw = np.asarray(m.convert("RGB") if m.mode in ("RGBA", "LA", "PA") else m)
             raw = (raw.reshape(*raw.shape[:2], -1) != 0).any(-1)
         else:
             boxes = voc_boxes(Path(voc_dir) / f"{stem}.xml", None if name is None else {name})
@@ -185,7 +185,7 @@ def localization_from_files(
         mask = np.asarray(fit_geometry(Image.fromarray(raw.astype(np.uint8) * 255), preprocess, Image.NEAREST)) > 0
         if not mask.any():
             raise ValueError(f"localization image {path}: the object mask is empty in the model's input crop")
-        images.append(np.asarray(fit_geometry(to_mode(img, preprocess.mode), preprocess), np.uint8))
+        images.append(input_pixels(img, preprocess))
         masks.append(mask)
         labels.append(label)
         ids.append(path)
