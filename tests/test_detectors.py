@@ -61,7 +61,9 @@ def test_logit_scores_match_pytorch_ood(toy):
 
 def test_odin_matches_pytorch_ood(digits_model, digits_inputs):
     x = digits_inputs[("digits", "test")][0][:16]
+    digits_model.zero_grad(set_to_none=True)  # the session-wide model: other tests' backward passes
     ours = odin_score(digits_model, x, temperature=1000.0, epsilon=0.0014)
+    assert not any(p.grad is not None for p in digits_model.parameters())  # only the input gets gradients
     x_hat = odin_preprocessing(digits_model, x, eps=0.0014, temperature=1000.0, norm_std=list(digits_model.preprocess.std))
     with torch.no_grad():
         theirs = torch.softmax(digits_model(x_hat).double() / 1000.0, 1).max(1).values.numpy()
@@ -70,7 +72,6 @@ def test_odin_matches_pytorch_ood(digits_model, digits_inputs):
     with torch.no_grad():
         plain = torch.softmax(digits_model(x).double() / 1000.0, 1).max(1).values.numpy()
     assert (ours >= plain - 1e-9).all() and (ours > plain).any()
-    assert not any(p.grad is not None for p in digits_model.parameters())
     det = ODIN()
     np.testing.assert_array_equal(det.score(ScoreInputs(np.zeros((16, 1)), np.zeros((16, 1)), {"odin": ours})), ours)
 
