@@ -32,7 +32,7 @@ import torch
 
 from oodlib.attribution import build_program
 from oodlib.attribution.engine import CPU_CHUNK, _avgpool_z, _maxpool_route, propagate
-from oodlib.attribution.graph import (
+from oodlib.attribution.program import (
     ConvOp,
     FlattenOp,
     LinearOp,

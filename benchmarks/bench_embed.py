@@ -23,7 +23,8 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("RAY_AUTH_MODE", "token")
 
-from jobs import embed, storage  # noqa: E402
+from jobs import embed_pass as embed, storage  # noqa: E402
+from jobs.workers import ModelSpec, model_state_arrays  # noqa: E402
 from oodlib.data.manifest import MANIFEST_SCHEMA  # noqa: E402
 from oodlib.models import load_model  # noqa: E402
 
@@ -55,7 +56,7 @@ def bare_loop(model, manifest: pa.Table, batch_size: int) -> float:
     return time.perf_counter() - start
 
 
-def ray_path(spec: embed.ModelSpec, manifest: pa.Table, batch_size: int, threads: int) -> float:
+def ray_path(spec: ModelSpec, manifest: pa.Table, batch_size: int, threads: int) -> float:
     import ray
     from ray.data import ActorPoolStrategy
 
@@ -87,7 +88,7 @@ def main() -> None:
     model = load_model("resnet18").eval()
     ray.init(address="local", num_cpus=threads + 1, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
-    spec = embed.ModelSpec("resnet18", 1000, ray.put(embed.model_state_arrays(model)), "cpu")
+    spec = ModelSpec("resnet18", 1000, ray.put(model_state_arrays(model)), "cpu")
     bare_loop(model, manifest.slice(0, args.batch_size), args.batch_size)  # warm-up
     bare, via_ray = [], []
     for _ in range(repeats):

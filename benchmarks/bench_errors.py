@@ -34,11 +34,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from oodlib.conductance import conductance_forward, layer_conductance
-from oodlib.error_detection import group_split
-from oodlib.lcr import SPRT, first_mutated_stage, fit_sprt_tau, forward_stages, label_change_rate
+from oodlib.errors.conductance import conductance_forward, layer_conductance
+from oodlib.errors.evaluation import group_split
+from oodlib.errors.lcr import SPRT, first_mutated_stage, fit_sprt_tau, forward_stages, label_change_rate
+from oodlib.errors.mutants import applied, generate_mutants, predict
 from oodlib.metrics import error_auroc
-from oodlib.mutants import applied, generate_mutants, predict
 
 
 def timed(fns: dict, repeats: int) -> dict[str, float]:

@@ -35,15 +35,10 @@ import torch
 warnings.filterwarnings("ignore")
 
 from oodlib.faiss_index import inner_product_index, l2_normalize
-from oodlib.graph.gcn import (
-    GraphNet,
-    GraphNetConfig,
-    TrainConfig,
-    node_loss,
-    reuse_freed_memory,
-    train_full_batch,
-)
-from oodlib.graph.knn_graph import (
+from oodlib.longtail.network import GraphNet, GraphNetConfig
+from oodlib.longtail.training import TrainConfig, node_loss, train_full_batch
+from oodlib.memory import reuse_freed_memory
+from oodlib.longtail.knn_graph import (
     cosine_knn,
     knn_edge_index,
     neighbour_recall,

@@ -30,9 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_errors import digits_c_parts, digits_data, sprt_tau
 
-from oodlib.lcr import SPRT, label_change_rate
+from oodlib.errors.lcr import SPRT, label_change_rate
+from oodlib.errors.mutants import generate_mutants, predict
 from oodlib.metrics import error_auroc
-from oodlib.mutants import generate_mutants, predict
 
 #: rates per operator: NS needs ⌊n·r⌋ ≥ 2 in a layer of n ≥ 10 neurons (digits-cnn: 16/32/64/8 neurons)
 DEFAULT_RATES = {"GF": (0.002, 0.005, 0.01), "NAI": (0.01, 0.02, 0.03), "WS": (0.02, 0.03, 0.05), "NS": (0.04, 0.05, 0.08)}

@@ -1,31 +1,73 @@
-"""The ``oodlib`` command: run a job, report its last run, compare runs in MLflow.
+"""The ``oodlib`` command: run a job, sweep a detector's hyperparameters, report the last run,
+compare runs in MLflow. ``python -m jobs.nightly`` (what ``ray job submit`` runs) is ``oodlib run``.
 
     oodlib run --config configs/digits.yaml [--set KEY=VALUE ...] [--schedule nightly]
+    oodlib sweep --config configs/digits.yaml --grid line.delta=0.8,1.0,inf [--set KEY=VALUE ...]
     oodlib report --output outputs --experiment digits
     oodlib compare --experiment digits [--last 5] [--per-set] [--fail-on-regression] ...
 
-Heavy imports (torch, Ray) happen only in ``run``; ``report`` and ``compare`` stay light.
+Exit codes: 0 done; 1 a failure (or a regression with ``--fail-on-regression``); 2 bad input —
+the config (naming the field), the manifest, the weights — reported before any cluster resource
+is used. Heavy imports (torch, Ray) happen only in ``run`` and ``sweep``.
 """
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
+import logging
 import sys
 from pathlib import Path
 
+import yaml
+
 from jobs import compare
+from jobs.config import ConfigError, load_config
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """``["embed.batch_size=64", …]`` → {"embed.batch_size": 64, …} (values parsed as YAML)."""
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value")
+        key, value = item.split("=", 1)
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def exit_code(action) -> int:
+    """Run ``action``; input problems (config, manifest, weights) print a message and give exit
+    code 2 instead of a traceback."""
+    from oodlib.data.manifest import ManifestError
+    from oodlib.models import WeightsError
+
+    try:
+        action()
+    except (ConfigError, ManifestError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except WeightsError as exc:
+        print(f"error: model.weights: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    nightly = importlib.import_module("jobs.nightly")  # torch/Ray: only for `run`
+    from jobs import pipeline  # torch/Ray: only for `run`
 
-    argv = ["--config", args.config]
-    for item in args.set:
-        argv += ["--set", item]
-    if args.schedule is not None:
-        argv += ["--schedule", args.schedule]
-    return nightly.main(argv)
+    return exit_code(lambda: pipeline.run(load_config(args.config, parse_overrides(args.set)), args.schedule, args.config))
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from jobs import sweep
+
+    return exit_code(lambda: sweep.run_sweep(load_config(args.config, parse_overrides(args.set)),
+                                             [sweep.parse_axis(a) for a in args.grid], args.config))
+
+
+def _add_job_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="job config YAML (e.g. configs/digits.yaml)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
 
 
 def _resolve_stage_path(stage: str, output: Path, experiment: str) -> Path:
@@ -57,10 +99,10 @@ def format_summary(summary: dict) -> str:
     for stage, path in stages.items():
         how = "reused" if reused.get(stage) else "computed"
         lines.append(f"  {stage:<{width}} {how:<8} {seconds.get(stage, '?')!s:>7} s  {path}")
-    counts = summary.get("counts", {}).get("embed")
-    if counts:
+    images = summary.get("images")
+    if images:
         lines.append(
-            f"images:        {counts.get('input')} in, {counts.get('features')} embedded, {counts.get('quarantined')} quarantined"
+            f"images:        {images.get('input')} in, {images.get('features')} embedded, {images.get('quarantined')} quarantined"
         )
     return "\n".join(lines)
 
@@ -92,13 +134,18 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="oodlib", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{run,report,compare}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{run,sweep,report,compare}")
 
     p_run = sub.add_parser("run", help="run the job (python -m jobs.nightly)")
-    p_run.add_argument("--config", required=True, help="job config YAML (e.g. configs/digits.yaml)")
-    p_run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    _add_job_arguments(p_run)
     p_run.add_argument("--schedule", default=None, help="tag for the MLflow runs (manual, nightly, …)")
     p_run.set_defaults(func=_cmd_run)
+
+    p_sweep = sub.add_parser("sweep", help="a detector's hyperparameter grid over the stored features (no re-embedding)")
+    _add_job_arguments(p_sweep)
+    p_sweep.add_argument("--grid", action="append", required=True, metavar="DETECTOR.PARAM=v1,v2,…",
+                         help="one axis of the grid (repeat for a 2-D grid); inf/off/none switch a step off")
+    p_sweep.set_defaults(func=_cmd_sweep)
 
     p_report = sub.add_parser("report", help="print last_run.json and the results table of the last run")
     p_report.add_argument("--output", type=Path, default=Path("outputs"), help="the config's output directory (default outputs)")
@@ -113,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     return int(args.func(args) or 0)
 
 

@@ -162,7 +162,7 @@ class GraphConfig(Strict):
     @field_validator("ablations")
     @classmethod
     def _known(cls, v: list[str]) -> list[str]:
-        from oodlib.graph.ltood import ABLATIONS
+        from oodlib.longtail.detector import ABLATIONS
 
         return known_names(v, ABLATIONS, "ablation")
 
@@ -300,8 +300,18 @@ class JobConfig(Strict):
     @model_validator(mode="after")
     def _unique_detectors(self) -> "JobConfig":
         keys = [d.key for d in self.detectors]
-        if sum(d.name == "odin" for d in self.detectors) > 1:
-            raise ValueError("detectors: ODIN is computed in EMBED into one `odin` column; configure it once")
+        extra_params: dict[str, list] = {}  # a column computed in EMBED: one setting for every detector reading it
+        for d in self.detectors:
+            cls = DETECTORS[d.name]
+            for column in set(cls.requires) - {"features", "logits"}:
+                try:
+                    extra_params.setdefault(column, []).append(cls(**d.params).params())
+                except TypeError as exc:
+                    raise ValueError(f"detectors[{d.key}].params: {exc}") from None
+        for column, settings in extra_params.items():
+            if any(p != settings[0] for p in settings):
+                raise ValueError(f"detectors: the `{column}` column is computed once in EMBED; the detectors reading it "
+                                 f"must share its parameters, got {settings}")
         if len(set(keys)) != len(keys):
             raise ValueError(f"detectors: duplicate columns in {keys} (give settings distinct 'column' names)")
         return self

@@ -70,10 +70,9 @@ def commit_shard(target: StageDir, parts: dict[str, Path | None], meta: dict) ->
         (tmp / "counts.json").write_text(json.dumps(meta))
 
 
-def write_index(target: StageDir, shard_dirs: list[Path], meta: dict) -> None:
-    """Commit a stage index listing its shard directories (the stage is complete only now)."""
-    with target.writing() as tmp:
-        (tmp / "index.json").write_text(json.dumps({"shards": [str(p) for p in shard_dirs], **meta}, indent=1))
+def write_index(directory: Path, shard_dirs: list[Path], meta: dict) -> None:
+    """Write a stage index listing its shard directories into the stage's (uncommitted) directory."""
+    (directory / "index.json").write_text(json.dumps({"shards": [str(p) for p in shard_dirs], **meta}, indent=1))
 
 
 def previous_shard(latest: Path, shard: int) -> Path | None:

@@ -23,6 +23,10 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 SUCCESS = "_SUCCESS"
+#: rows that could not be used, with the stage that found them and why
+QUARANTINE_SCHEMA = pa.schema(
+    [("image_id", pa.string()), ("dataset", pa.string()), ("split", pa.string()), ("stage", pa.string()), ("reason", pa.string())]
+)
 
 
 def content_key(stage: str, version: int, **inputs) -> str:

@@ -1,29 +1,27 @@
 """Hyperparameter sweeps over stored features (no re-embedding).
 
-    python -m jobs.sweep --config configs/digits.yaml --set line.delta=0.1,0.4,0.8,1.0,1.5,2.0,inf
-    python -m jobs.sweep --config configs/digits.yaml --set line.p_a=10,50,90 --set line.p_w=10,50,90
+    oodlib sweep --config configs/digits.yaml --grid line.delta=0.1,0.4,0.8,1.0,1.5,2.0,inf
+    oodlib sweep --config configs/digits.yaml --grid line.p_a=10,50,90 --grid line.p_w=10,50,90
 
-Each ``--set DETECTOR.PARAM=v1,v2,…`` adds an axis; the grid is their cartesian product. The
-sweep is the ordinary job with the grid's settings as its detectors, so EMBED is reused from the
-content-keyed store and only FIT/SCORE/EVALUATE run; each setting is an MLflow child run. The
+Each ``--grid DETECTOR.PARAM=v1,v2,…`` adds an axis; the grid is their cartesian product. The
+sweep is the ordinary job with the grid's settings as its detectors, up to EVALUATE, so EMBED is
+reused from the content-keyed store and only FIT/SCORE/EVALUATE run; each setting is an MLflow child run. The
 table (one row per setting, per-set and average FPR95/AUROC; a p_a × p_w matrix for 2-D grids,
 like the LINE paper's Tables 3–5) is written as Markdown and Parquet and logged to the parent run.
 ``inf``, ``off`` and ``none`` switch a step off (e.g. δ = ∞: no activation clipping).
 """
 from __future__ import annotations
 
-import argparse
 import itertools
-import sys
 from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
 import yaml
 
-from jobs import storage
-from jobs.config import ConfigError, DetectorConfig, JobConfig, load_config
-from jobs.nightly import run
+from jobs import pipeline, storage
+from jobs.config import ConfigError, DetectorConfig, JobConfig
+from oodlib.reporting.tables import sweep_markdown
 
 OFF = {"inf", "off", "none", "null"}
 
@@ -31,7 +29,7 @@ OFF = {"inf", "off", "none", "null"}
 def parse_axis(text: str) -> tuple[str, str, list]:
     """``line.delta=0.1,inf`` → ("line", "delta", [0.1, None])."""
     if "=" not in text or "." not in text.split("=", 1)[0]:
-        raise ConfigError(f"--set {text!r}: expected DETECTOR.PARAM=v1,v2,…")
+        raise ConfigError(f"--grid {text!r}: expected DETECTOR.PARAM=v1,v2,…")
     key, values = text.split("=", 1)
     detector, param = key.split(".", 1)
     parsed = [None if v.strip().lower() in OFF else yaml.safe_load(v) for v in values.split(",")]
@@ -43,7 +41,7 @@ def grid_detectors(cfg: JobConfig, axes: list[tuple[str, str, list]]) -> tuple[l
     detector), and a table of the settings (``column`` + one column per swept parameter)."""
     names = {a[0] for a in axes}
     if len(names) != 1:
-        raise ConfigError(f"--set: sweep one detector at a time, got {sorted(names)}")
+        raise ConfigError(f"--grid: sweep one detector at a time, got {sorted(names)}")
     name = names.pop()
     base = next((d.params for d in cfg.detectors if d.name == name), {})
     entries, rows = [], []
@@ -63,26 +61,10 @@ def sweep_table(metrics: pd.DataFrame, settings: pd.DataFrame) -> pd.DataFrame:
     return settings.merge(wide, left_on="column", right_index=True)
 
 
-def markdown(table: pd.DataFrame, params: list[str]) -> str:
-    lines = []
-    if len(params) == 2:  # a p_a × p_w style matrix of the averages
-        for metric in ("avg.fpr95", "avg.auroc"):
-            mat = table.pivot(index=params[0], columns=params[1], values=metric)
-            lines += [f"**{metric}** ({params[0]} rows × {params[1]} columns)", "", "| " + " | ".join([params[0], *map(str, mat.columns)]) + " |",
-                      "|---|" + "---:|" * len(mat.columns)]
-            lines += ["| " + " | ".join([str(i), *(f"{v:.2f}" for v in row)]) + " |" for i, row in mat.iterrows()] + [""]
-    cols = [c for c in table.columns if c != "column"]
-    lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(params) + "---:|" * (len(cols) - len(params))]
-    for r in table[cols].itertuples(index=False):
-        lines.append("| " + " | ".join(f"{v:.2f}" if isinstance(v, float) else str(v) for v in r) + " |")
-    return "\n".join(lines)
-
-
 def run_sweep(cfg: JobConfig, axes: list[tuple[str, str, list]], config_path: str = "") -> tuple[pd.DataFrame, Path]:
     """Run the grid as one job (EMBED reused) and commit the sweep table. Returns (table, dir)."""
     entries, settings = grid_detectors(cfg, axes)
-    sweep_cfg = cfg.model_copy(update={"detectors": entries})
-    summary = run(sweep_cfg, schedule="sweep", config_path=config_path, embed_cfg=cfg, post_stages=False)
+    summary = pipeline.run(cfg, schedule="sweep", config_path=config_path, detectors=entries, targets=("evaluate",))
     metrics = pd.read_parquet(Path(summary["stages"]["evaluate"]) / "metrics.parquet")
     table = sweep_table(metrics, settings)
     params = [a[1] for a in axes]
@@ -91,7 +73,7 @@ def run_sweep(cfg: JobConfig, axes: list[tuple[str, str, list]], config_path: st
     if not target.done:
         with target.writing() as tmp:
             storage.write_table(pa.Table.from_pandas(table, preserve_index=False), tmp, "sweep.parquet")
-            (tmp / "sweep.md").write_text(markdown(table, params))
+            (tmp / "sweep.md").write_text(sweep_markdown(table, params))
     if summary["mlflow_run_id"]:
         import mlflow
 
@@ -103,18 +85,3 @@ def run_sweep(cfg: JobConfig, axes: list[tuple[str, str, list]], config_path: st
     print("\n" + (target.path / "sweep.md").read_text())
     print(f"\nsweep table: {target.path}")
     return table, target.path
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobs.sweep", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--set", action="append", required=True, metavar="DETECTOR.PARAM=v1,v2,…")
-    parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE", help="config override (as jobs.nightly --set)")
-    args = parser.parse_args(argv)
-    from jobs.nightly import exit_code, parse_overrides
-
-    return exit_code(lambda: run_sweep(load_config(args.config, parse_overrides(args.override)), [parse_axis(a) for a in args.set], args.config))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

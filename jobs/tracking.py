@@ -1,4 +1,5 @@
-"""MLflow tracking, from the driver only: one parent run per job, one child run per detector.
+"""MLflow tracking, from the driver only: one parent run per job, child runs per stage result
+(one per detector, error method, long-tail variant, explanation).
 
 Child runs carry params (hyperparameters) and metrics ``{dataset}.{metric}`` / ``avg.{metric}``;
 large tables go in as Parquet artifacts, plots as PNG artifacts. Children are tagged explicitly
@@ -11,7 +12,6 @@ import subprocess
 import time
 from pathlib import Path
 
-import pandas as pd
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
@@ -84,55 +84,52 @@ def log_run(
     return run_id
 
 
-def child_metrics(rows: pd.DataFrame) -> dict[str, float]:
-    """``{dataset}.{metric}`` → value for a child run's rows (columns dataset, metric, value)."""
-    return {f"{r.dataset}.{r.metric}": float(r.value) for r in rows.itertuples()}
+class Tracker:
+    """The MLflow side of one job. The parent run is created when the first stage is done (so a
+    job refused for bad input leaves no run) and stays RUNNING while stages add their child runs
+    and seconds; it ends FINISHED with the summary, or FAILED when the job fails. ``uri`` None
+    disables tracking (every method is then a no-op)."""
 
+    def __init__(self, uri: str | None, experiment: str, tags: dict[str, str], params: dict) -> None:
+        self.uri, self.experiment, self.tags, self.params = uri, experiment, tags, params
+        self.parent: str | None = None
 
-def log_job(
-    uri: str, cfg, tags: dict[str, str], config_path: str, counts: dict, metrics: pd.DataFrame, eval_dir, detectors: dict,
-    explain_artifacts: list[Path] = (),
-) -> str:
-    """The parent run of one job (params, accuracy and count metrics, tables) and one child per
-    detector, error method, long-tail variant and explanation. Returns the parent run id; a
-    failure while logging marks the parent FAILED."""
-    client = MlflowClient(uri)
-    exp_id = experiment_id(client, cfg.experiment)
-    run_name = f"{cfg.experiment}-{time.strftime('%Y%m%d-%H%M%S')}"
-    acc = metrics[metrics.task == "classify"]
-    parent = log_run(
-        client, exp_id, run_name, resolve_tags(tags),
-        params={"config": config_path, "model": cfg.model.name, "id_dataset": cfg.data.id_dataset, "ood_datasets": ",".join(cfg.data.ood_datasets)},
-        metrics={**{f"acc.{r.dataset.replace('/', '.')}": r.value for r in acc.itertuples()}, **{f"count.{k}": v for k, v in counts.items()}},
-        artifacts=[eval_dir.path / "metrics.parquet", eval_dir.path / "results.md"],
-    )
-    children = []
-    try:
-        for key, det in detectors.items():
-            rows = metrics[(metrics.task == "ood") & (metrics.method == key)]
-            children.append((key, {"detector": det.name, **det.params()}, rows, [eval_dir.path / "plots" / f"{key}.png"]))
-        for method, rows in metrics[metrics.task == "error"].groupby("method", sort=False):
-            children.append((f"error/{method}", {"errors": cfg.errors.model_dump_json()}, rows, []))
-        for method, rows in metrics[metrics.task == "ood-lt"].groupby("method", sort=False):
-            children.append((f"lt/{method}", {"variant": method, **cfg.graph.model_dump(exclude={"ablations", "enabled"})}, rows, []))
-        if explain_artifacts:
-            loc = [p for p in explain_artifacts if p.name == "localization.parquet"]
-            rows = pd.DataFrame(columns=["dataset", "metric", "value"])
-            if loc:
-                table = pd.read_parquet(loc[0]).melt(id_vars="method", var_name="metric", value_name="value")
-                rows = table.rename(columns={"method": "dataset"}).assign(dataset=lambda d: d.dataset.str.replace("[", "_").str.replace("]", "").str.replace("+", "_"))
-            children.append(("explain", cfg.explain.model_dump(), rows, list(explain_artifacts)))
-        for name, params, rows, artifacts in children:
-            child = log_run(client, exp_id, name, {**tags, "method": name}, params, child_metrics(rows), artifacts, parent_id=parent)
-            client.set_terminated(child)
-    except BaseException:
-        client.set_terminated(parent, "FAILED")
-        raise
-    client.set_terminated(parent)
-    return parent
+    def parent_id(self) -> str | None:
+        """The parent run's id (created now if no stage created it yet); None without tracking."""
+        return None if self.uri is None else self._start()
 
+    def _start(self) -> str:
+        if self.parent is None:
+            self.client = MlflowClient(self.uri)
+            self.exp_id = experiment_id(self.client, self.experiment)
+            run_name = f"{self.experiment}-{time.strftime('%Y%m%d-%H%M%S')}"
+            self.parent = log_run(self.client, self.exp_id, run_name, resolve_tags(self.tags), params=self.params)
+        return self.parent
 
-def log_summary(uri: str, run_id: str, summary: dict) -> None:
-    """Attach the per-run summary (counts, quarantined rows, stage durations, throughput) to the
-    parent run as ``run_summary.json``."""
-    MlflowClient(uri).log_dict(run_id, summary, "run_summary.json")
+    def stage(self, name: str, seconds: float, children: list) -> None:
+        """A finished stage: its seconds on the parent, its child runs (:class:`jobs.stages.base.Child`)."""
+        if self.uri is None:
+            return
+        parent = self._start()
+        self.client.log_metric(parent, f"stage_seconds.{name}", seconds)
+        for c in children:
+            child = log_run(self.client, self.exp_id, c.name, {**self.tags, "method": c.name}, c.params, c.metrics,
+                            c.artifacts, parent_id=parent)
+            self.client.set_terminated(child)
+
+    def finish(self, metrics: dict[str, float], artifacts: list[Path], summary: dict) -> None:
+        """Parent metrics, artifacts and ``run_summary.json``; the parent ends FINISHED."""
+        if self.uri is None:
+            return
+        parent = self._start()
+        stamp = int(time.time() * 1000)
+        for chunk in _chunks([Metric(k, float(v), stamp, 0) for k, v in metrics.items()], 1000):
+            self.client.log_batch(parent, metrics=chunk)
+        for path in artifacts:
+            self.client.log_artifact(parent, str(path))
+        self.client.log_dict(parent, summary, "run_summary.json")
+        self.client.set_terminated(parent)
+
+    def fail(self) -> None:
+        if self.parent is not None:
+            self.client.set_terminated(self.parent, "FAILED")

@@ -42,6 +42,12 @@ class Estimator:
     name: ClassVar[str]
     stateless: ClassVar[bool] = False
 
+    @classmethod
+    def contract_variants(cls) -> list[dict]:
+        """Hyperparameter sets the contract tests (``tests/contract``) build one instance of each:
+        one per structurally different setting (e.g. a fusion's classifier kind), small and fast."""
+        return [{}]
+
     # --- hyperparameters -----------------------------------------------------------------
     @classmethod
     def param_names(cls) -> list[str]:
@@ -112,7 +118,8 @@ class Estimator:
         from safetensors.numpy import save_file
 
         path = Path(path)
-        state = {k: np.ascontiguousarray(v) for k, v in self.state_dict().items()}
+        # ascontiguousarray makes 0-d arrays 1-d: reshape keeps scalars 0-d (loaded back as scalars)
+        state = {k: np.ascontiguousarray(v).reshape(np.shape(v)) for k, v in self.state_dict().items()}
         meta = {"format": FORMAT, "class": type(self).__qualname__, "params": json.dumps(self.params())}
         save_file(state, str(path), metadata=meta)
         return path

@@ -17,7 +17,7 @@ import torch
 
 from oodlib.attribution import baselines
 from oodlib.attribution.engine import _targets, propagate
-from oodlib.attribution.graph import UnsupportedLayerError, build_program
+from oodlib.attribution.program import UnsupportedLayerError, build_program
 from oodlib.attribution.rules import (
     AE_TERMS,
     RAP,
@@ -59,7 +59,7 @@ def make_rule(method: str, **options):
 def attribute(model, x: torch.Tensor, method: str = "rap", target=None, program: list | None = None, **options):
     """Input relevance (B×C×H×W; Grad-CAM B×1×H×W), logits (B×K) and targets (B,) for ``method``.
 
-    ``program``: a cached :func:`~oodlib.attribution.graph.build_program` result (saves rebuilding).
+    ``program``: a cached :func:`~oodlib.attribution.program.build_program` result (saves rebuilding).
     """
     if method in PROPAGATION:
         return propagate(model, x, make_rule(method, **options), target, program)

@@ -2,7 +2,7 @@
 (on CPU in sweeps of :data:`CPU_CHUNK` images, see :func:`propagate`).
 
 Layer-independent steps (shared by every rule):
-* ReLU, Dropout, BatchNorm (inside :class:`~oodlib.attribution.graph.ConvOp` for RAP/AE): identity;
+* ReLU, Dropout, BatchNorm (inside :class:`~oodlib.attribution.program.ConvOp` for RAP/AE): identity;
 * max pooling: relevance routed to the arg-max input (equals the z-rule, which gives the winner
   x_max/z · R = R; it also keeps relevance sitting on zero activations, which AE's U term puts there);
 * average pooling: z-rule R_i = x_i · Σ_j (∂z_j/∂x_i) R_j / z_j;
@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from oodlib.attribution.graph import (
+from oodlib.attribution.program import (
     ConvOp,
     FlattenOp,
     LinearOp,

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from oodlib.attribution.graph import ConvCache, ConvOp, LinearOp, UnsupportedLayerError
+from oodlib.attribution.program import ConvCache, ConvOp, LinearOp, UnsupportedLayerError
 
 
 def safe_div(a: torch.Tensor, b: torch.Tensor, eps: float = 0.0) -> torch.Tensor:

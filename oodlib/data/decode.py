@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from oodlib.models.base import Preprocess
+from oodlib.data.preprocess import Preprocess
 
 #: Larger images are refused as decompression bombs (PIL warns at 89 Mpx, errors at twice that).
 MAX_PIXELS = 64_000_000

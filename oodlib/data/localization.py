@@ -27,7 +27,7 @@ from PIL import Image
 
 from oodlib.data.decode import DecodeError, fit_geometry, input_pixels, load_pil, normalize
 from oodlib.data.digits import IMAGE_SIZE, build_digits, photo_patches
-from oodlib.models.base import DIGITS_PREPROCESS, Preprocess
+from oodlib.data.preprocess import DIGITS_PREPROCESS, Preprocess
 
 DEFAULT_CANVAS = 32
 

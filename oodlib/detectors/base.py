@@ -1,14 +1,19 @@
 """The detector interface shared by every post-hoc OOD score.
 
 A detector is fitted on ID-train features and the model's linear head, then scores a batch of
-stored features/logits. Scores are ID-confidence: **higher = more in-distribution**.
-Fitted state is a dict of NumPy arrays (saved as npz, never pickled).
+stored features/logits. Scores are ID-confidence: **higher = more in-distribution**. Detectors
+follow the estimator contract of :mod:`oodlib.estimator` (hyperparameters in ``__init__``,
+fitted attributes ending in ``_``, safetensors state, :class:`~oodlib.estimator.NotFittedError`).
 
 Two ways to fit: ``fit(features, labels, head)`` on all rows in memory (library use), or
 ``fit_stats(stats, head)`` from merged per-batch partials (:class:`oodlib.stats.FitStats`, what
-the distributed FIT stage does). ``fit_needs`` says which partials a detector reads:
-``"moments"`` (class counts/sums), ``"second"`` (Σhhᵀ), ``"activations"`` (value sketch) or
-``"bank"`` (the features themselves: only ``fit`` works).
+the distributed FIT stage does); both give the same state. ``fit_needs`` says which partials a
+detector reads: ``"moments"`` (class counts/sums), ``"second"`` (Σhhᵀ), ``"activations"``
+(value sketch) or ``"bank"`` (the features themselves: only ``fit`` works).
+
+``requires`` names the features-table columns the score reads: ``features``, ``logits``, or
+the column of an EMBED extra (e.g. ``odin``); the extra's parameters are the detector's
+hyperparameters of the same names.
 """
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ from typing import ClassVar
 
 import numpy as np
 
+from oodlib.estimator import Estimator
 from oodlib.stats import FitStats
 
 
@@ -40,17 +46,20 @@ class ScoreInputs:
     logits: np.ndarray
     extras: dict[str, np.ndarray]
 
+    def __len__(self) -> int:
+        return len(self.logits)
 
-class Detector:
-    """Base class. Subclasses set ``name`` and ``requires`` and implement ``score``.
 
-    ``requires`` names the features-table columns the score reads (``features``, ``logits``,
-    or an extra such as ``odin``); ``fit`` is a no-op for detectors without fitted state.
-    """
+class Detector(Estimator):
+    """Base class. Subclasses set ``name``, ``requires`` and ``fit_needs`` and implement
+    ``_score`` (and ``fit_stats`` when they have fitted state)."""
 
-    name: ClassVar[str]
     requires: ClassVar[tuple[str, ...]] = ("logits",)
     fit_needs: ClassVar[tuple[str, ...]] = ()
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.stateless = not cls.fit_needs
 
     def fit(self, features: np.ndarray, labels: np.ndarray, head: Head) -> "Detector":
         """Fit on ID-train features h (N×D) and true labels (N,). Returns self.
@@ -58,7 +67,7 @@ class Detector:
         The default reduces all rows to :class:`FitStats` and calls :meth:`fit_stats`, so both
         paths give the same state.
         """
-        if not self.fit_needs:
+        if self.stateless:
             return self
         stats = FitStats.from_batch(
             features, labels, head.W.shape[0], second="second" in self.fit_needs,
@@ -68,19 +77,20 @@ class Detector:
 
     def fit_stats(self, stats: FitStats, head: Head) -> "Detector":
         """Fit from merged ID-train partials (see ``fit_needs``). Returns self."""
-        return self
+        if self.stateless:
+            return self
+        raise NotImplementedError(f"{type(self).__name__} needs the feature bank itself: call fit(features, labels, head)")
 
     def score(self, inputs: ScoreInputs) -> np.ndarray:
         """ID-confidence per row, float32 (N,)."""
+        self.check_fitted()
+        missing = [c for c in self.requires if c not in ("features", "logits") and c not in inputs.extras]
+        if missing:
+            raise KeyError(f"detector {self.name!r} needs the column(s) {missing} (an EMBED extra)")
+        s = np.asarray(self._score(inputs), np.float32)
+        if s.shape != (len(inputs),):
+            raise RuntimeError(f"detector {self.name!r} returned shape {s.shape} for {len(inputs)} rows")
+        return s
+
+    def _score(self, inputs: ScoreInputs) -> np.ndarray:
         raise NotImplementedError
-
-    def params(self) -> dict[str, float | int | str | bool]:
-        """Hyperparameters (logged to MLflow)."""
-        return {}
-
-    def state_dict(self) -> dict[str, np.ndarray]:
-        """Fitted arrays (saved as npz)."""
-        return {}
-
-    def load_state_dict(self, state: dict[str, np.ndarray]) -> "Detector":
-        return self

@@ -55,8 +55,9 @@ def wp_thresholds(contribution: np.ndarray, W: np.ndarray, p_w: float) -> np.nda
 class LINE(Detector):
     """LINE with activation clipping ``delta``, activation pruning ``p_a``, weight pruning ``p_w``.
 
-    Defaults are the paper's CIFAR-10 setting; see :data:`LINE_PRESETS`. Fitted state:
-    ``contribution`` (D×C), ``W``, ``b`` and the per-class thresholds ``ap_thresh``/``wp_thresh``.
+    Defaults are the paper's CIFAR-10 setting; see :data:`LINE_PRESETS`. A step given as None (or
+    False) is off. Fitted state: ``W_``, ``b_`` and, when AP or WP is on, ``contribution_`` (D×C)
+    and the per-class thresholds ``ap_thresh_``/``wp_thresh_``.
     """
 
     name = "line"
@@ -65,15 +66,6 @@ class LINE(Detector):
 
     def __init__(self, p_w: float | None = 90, p_a: float | None = 90, delta: float | None = 1.0) -> None:
         self.p_w, self.p_a, self.delta = _off(p_w), _off(p_a), _off(delta)
-        self.W: np.ndarray | None = None
-        self.b: np.ndarray | None = None
-        self.contribution: np.ndarray | None = None
-        self.ap_thresh: np.ndarray | None = None
-        self.wp_thresh: np.ndarray | None = None
-
-    def params(self) -> dict:
-        """Hyperparameters; a disabled step is ``"off"``."""
-        return {key: "off" if value is None else value for key, value in (("p_w", self.p_w), ("p_a", self.p_a), ("delta", self.delta))}
 
     # ---- fitting -------------------------------------------------------------------------
     def fit_stats(self, stats: FitStats, head: Head) -> "LINE":
@@ -84,41 +76,27 @@ class LINE(Detector):
     def fit_contribution(self, contribution: np.ndarray | None, head: Head) -> "LINE":
         """Fit from a given contribution matrix (D×C), e.g. an IntGrad one; None when AP and WP are off."""
         W = np.asarray(head.W, np.float32)
-        state = {"W": W, "b": np.asarray(head.b, np.float32)}
+        state = {"W_": W, "b_": np.asarray(head.b, np.float32)}
         if contribution is not None:
             contribution = np.ascontiguousarray(contribution, np.float32)
-            state["contribution"] = contribution
+            state["contribution_"] = contribution
             if self.p_a is not None:
-                state["ap_thresh"] = np.percentile(contribution, self.p_a, axis=0).astype(np.float32)
+                state["ap_thresh_"] = np.percentile(contribution, self.p_a, axis=0).astype(np.float32)
             if self.p_w is not None:
-                state["wp_thresh"] = wp_thresholds(contribution, W, self.p_w)
+                state["wp_thresh_"] = wp_thresholds(contribution, W, self.p_w)
         return self.load_state_dict(state)
 
-    def state_dict(self) -> dict[str, np.ndarray]:
-        state = {"W": self.W, "b": self.b}
-        for key in ("contribution", "ap_thresh", "wp_thresh"):
-            if getattr(self, key) is not None:
-                state[key] = getattr(self, key)
-        return state
-
-    def load_state_dict(self, state: dict[str, np.ndarray]) -> "LINE":
-        self.W = np.ascontiguousarray(state["W"], np.float32)
-        self.b = np.asarray(state["b"], np.float32)
-        for key in ("contribution", "ap_thresh", "wp_thresh"):
-            setattr(self, key, np.asarray(state[key], np.float32) if key in state else None)
-        if self.p_a is not None and self.ap_thresh is None or self.p_w is not None and self.wp_thresh is None:
-            raise ValueError("state lacks the thresholds for the enabled pruning steps")
-        self._prepare()
-        return self
-
-    def _prepare(self) -> None:
+    def _restore(self) -> None:
         """Derived arrays: Wᵀ rows sorted (values and column ids) for WP, the AP masks (C×D)."""
-        self._ap_mask = (self.contribution > self.ap_thresh[None, :]).T.copy() if self.p_a is not None else None
+        if self.p_a is not None and not hasattr(self, "ap_thresh_") or self.p_w is not None and not hasattr(self, "wp_thresh_"):
+            raise ValueError("state lacks the thresholds for the enabled pruning steps")
+        self.W_ = np.ascontiguousarray(self.W_, np.float32)
+        self._ap_mask = (self.contribution_ > self.ap_thresh_[None, :]).T.copy() if self.p_a is not None else None
         if self.p_w is not None:
-            order = np.argsort(self.W.T, axis=1, kind="stable")
+            order = np.argsort(self.W_.T, axis=1, kind="stable")
             self._sorted_ids = order.astype(np.int32)
-            self._sorted_w = np.take_along_axis(self.W.T, order, axis=1)
-            self._abs_c = np.abs(self.contribution.T)  # C×D: row k = |c_k|
+            self._sorted_w = np.take_along_axis(self.W_.T, order, axis=1)
+            self._abs_c = np.abs(self.contribution_.T)  # C×D: row k = |c_k|
 
     def variant(self, **params: float | bool | None) -> "LINE":
         """A LINE sharing this fitted state with some steps switched off (e.g. ``p_w=None``).
@@ -133,32 +111,33 @@ class LINE(Detector):
         return LINE(**kw).load_state_dict(self.state_dict())
 
     # ---- scoring -------------------------------------------------------------------------
-    def score(self, inputs: ScoreInputs) -> np.ndarray:
+    def _score(self, inputs: ScoreInputs) -> np.ndarray:
         return energy_score(self.masked_logits(inputs.features))
 
     def masked_logits(self, features: np.ndarray) -> np.ndarray:
         """LINE's output (W ⊙ M_k)(m_k ⊙ ĥ) + b per row (N×C float32), k = the row's prediction."""
+        self.check_fitted()
         h = np.asarray(features, np.float32)
         if self.delta is not None:
             h = np.minimum(h, np.float32(self.delta))
         if self.p_a is None and self.p_w is None:
-            return h @ self.W.T + self.b
-        pred = np.argmax(h @ self.W.T + self.b, axis=1)
+            return h @ self.W_.T + self.b_
+        pred = np.argmax(h @ self.W_.T + self.b_, axis=1)
         x = h * self._ap_mask[pred] if self.p_a is not None else h
         if self.p_w is None:
-            return x @ self.W.T + self.b
-        return self._weight_pruned(x, pred) + self.b
+            return x @ self.W_.T + self.b_
+        return self._weight_pruned(x, pred) + self.b_
 
     def _weight_pruned(self, x: np.ndarray, pred: np.ndarray) -> np.ndarray:
         """Σ_d (W ⊙ M_k)[:, d] x[d] per row (N×C), grouped by predicted class k."""
-        out = np.empty((len(x), self.W.shape[0]), np.float32)
+        out = np.empty((len(x), self.W_.shape[0]), np.float32)
         order = np.argsort(pred, kind="stable")
         classes, starts = np.unique(pred[order], return_index=True)
         groups = np.split(order, starts[1:])
         plans = [self._class_plan(int(k)) for k in classes]
         dense_rows = np.concatenate([g for g, (dropped, *_) in zip(groups, plans) if dropped] or [np.zeros(0, np.int64)])
         if len(dense_rows):
-            out[dense_rows] = x[dense_rows] @ self.W.T
+            out[dense_rows] = x[dense_rows] @ self.W_.T
         for rows, (dropped, dims, matrix) in zip(groups, plans):
             part = np.asarray((matrix.T @ x[np.ix_(rows, dims)].T).T, np.float32)
             out[rows] = out[rows] - part if dropped else part
@@ -170,9 +149,9 @@ class LINE(Detector):
         ``dropped`` = True: the matrix holds the entries WP removes (subtract from x Wᵀ);
         False: the entries it keeps. Dims pruned by AP are left out (their x is zero).
         """
-        dims = np.flatnonzero(self._ap_mask[k]) if self.p_a is not None else np.arange(self.W.shape[1])
+        dims = np.flatnonzero(self._ap_mask[k]) if self.p_a is not None else np.arange(self.W_.shape[1])
         n_low = self._count_at_most(k, dims)  # per dim: how many sorted entries WP drops
-        n_classes = self.W.shape[0]
+        n_classes = self.W_.shape[0]
         dropped = int(n_low.sum()) <= len(dims) * n_classes - int(n_low.sum())
         counts = n_low if dropped else n_classes - n_low
         indptr = np.concatenate([[0], np.cumsum(counts)])
@@ -189,7 +168,7 @@ class LINE(Detector):
         Binary search on the float32 products themselves (non-decreasing along each sorted row,
         since rounding is monotone), so the count matches the official mask exactly, ties included.
         """
-        srt, t = self._sorted_w, self.wp_thresh[k]
+        srt, t = self._sorted_w, self.wp_thresh_[k]
         scale = self._abs_c[k, dims]
         lo = np.zeros(len(dims), np.int64)
         hi = np.full(len(dims), srt.shape[1], np.int64)

@@ -18,7 +18,7 @@ class MSP(Detector):
 
     name = "msp"
 
-    def score(self, inputs: ScoreInputs) -> np.ndarray:
+    def _score(self, inputs: ScoreInputs) -> np.ndarray:
         return softmax(np.asarray(inputs.logits, np.float64), axis=1).max(axis=1).astype(np.float32)
 
 
@@ -27,7 +27,7 @@ class MaxLogit(Detector):
 
     name = "maxlogit"
 
-    def score(self, inputs: ScoreInputs) -> np.ndarray:
+    def _score(self, inputs: ScoreInputs) -> np.ndarray:
         return np.asarray(inputs.logits, np.float32).max(axis=1)
 
 
@@ -39,8 +39,5 @@ class Energy(Detector):
     def __init__(self, temperature: float = 1.0) -> None:
         self.temperature = float(temperature)
 
-    def score(self, inputs: ScoreInputs) -> np.ndarray:
+    def _score(self, inputs: ScoreInputs) -> np.ndarray:
         return energy_score(inputs.logits, self.temperature)
-
-    def params(self) -> dict:
-        return {"temperature": self.temperature}

@@ -29,22 +29,10 @@ class Mahalanobis(Detector):
     requires = ("features",)
     fit_needs = ("moments", "second")
 
-    def __init__(self) -> None:
-        self.means: np.ndarray | None = None
-        self.precision: np.ndarray | None = None
-
     def fit_stats(self, stats: FitStats, head: Head) -> "Mahalanobis":
-        self.means = stats.moments.means
-        self.precision = np.linalg.pinv(stats.moments.tied_covariance(), hermitian=True)
+        self.means_ = stats.moments.means
+        self.precision_ = np.linalg.pinv(stats.moments.tied_covariance(), hermitian=True)
         return self
 
-    def score(self, inputs: ScoreInputs) -> np.ndarray:
-        return (-min_mahalanobis(inputs.features, self.means, self.precision)).astype(np.float32)
-
-    def state_dict(self) -> dict[str, np.ndarray]:
-        return {"means": self.means, "precision": self.precision}
-
-    def load_state_dict(self, state: dict[str, np.ndarray]) -> "Mahalanobis":
-        self.means = np.asarray(state["means"], np.float64)
-        self.precision = np.asarray(state["precision"], np.float64)
-        return self
+    def _score(self, inputs: ScoreInputs) -> np.ndarray:
+        return -min_mahalanobis(inputs.features, self.means_, self.precision_)

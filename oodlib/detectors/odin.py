@@ -45,8 +45,5 @@ class ODIN(Detector):
         self.temperature = float(temperature)
         self.epsilon = float(epsilon)
 
-    def score(self, inputs: ScoreInputs) -> np.ndarray:
+    def _score(self, inputs: ScoreInputs) -> np.ndarray:
         return np.asarray(inputs.extras["odin"], np.float32)
-
-    def params(self) -> dict:
-        return {"temperature": self.temperature, "epsilon": self.epsilon}

@@ -16,6 +16,17 @@ def clipped_logits(h: np.ndarray, W: np.ndarray, b: np.ndarray, clip: float | No
     return h @ W.T + b
 
 
+def activation_percentile(percentile: float, features: np.ndarray | None = None, stats: FitStats | None = None) -> float:
+    """ReAct's clip c: the ``percentile``-th percentile of every ID-train activation — exact
+    (``np.percentile``) from ``features``, or from the merged sketch of ``stats`` (relative error
+    ≤ 4.9e-4)."""
+    if features is not None:
+        return float(np.percentile(np.asarray(features, np.float32), percentile))
+    if stats is None or stats.activations is None:
+        raise ValueError("the activation percentile needs an activation sketch (FitStats(activations=True))")
+    return stats.activations.percentile(percentile)
+
+
 class ReAct(Detector):
     """Energy of W·min(h, c) + b, c = the ``percentile``-th percentile of all ID-train activations.
 
@@ -29,36 +40,18 @@ class ReAct(Detector):
 
     def __init__(self, percentile: float = 90.0) -> None:
         self.percentile = float(percentile)
-        self.threshold: float | None = None
-        self.W: np.ndarray | None = None
-        self.b: np.ndarray | None = None
 
-    def _set_head(self, head: Head) -> None:
-        self.W = np.asarray(head.W, np.float32)
-        self.b = np.asarray(head.b, np.float32)
+    def _set(self, head: Head, threshold: float) -> "ReAct":
+        self.W_ = np.asarray(head.W, np.float32)
+        self.b_ = np.asarray(head.b, np.float32)
+        self.threshold_ = float(threshold)
+        return self
 
     def fit(self, features: np.ndarray, labels: np.ndarray, head: Head) -> "ReAct":
-        self._set_head(head)
-        self.threshold = float(np.percentile(np.asarray(features, np.float32), self.percentile))
-        return self
+        return self._set(head, activation_percentile(self.percentile, features=features))
 
     def fit_stats(self, stats: FitStats, head: Head) -> "ReAct":
-        if stats.activations is None:
-            raise ValueError("ReAct.fit_stats needs an activation sketch (FitStats(activations=True))")
-        self._set_head(head)
-        self.threshold = stats.activations.percentile(self.percentile)
-        return self
+        return self._set(head, activation_percentile(self.percentile, stats=stats))
 
-    def score(self, inputs: ScoreInputs) -> np.ndarray:
-        return energy_score(clipped_logits(inputs.features, self.W, self.b, self.threshold))
-
-    def params(self) -> dict:
-        return {"percentile": self.percentile}
-
-    def state_dict(self) -> dict[str, np.ndarray]:
-        return {"threshold": np.float64(self.threshold), "W": self.W, "b": self.b}
-
-    def load_state_dict(self, state: dict[str, np.ndarray]) -> "ReAct":
-        self.threshold = float(state["threshold"])
-        self._set_head(Head(state["W"], state["b"]))
-        return self
+    def _score(self, inputs: ScoreInputs) -> np.ndarray:
+        return energy_score(clipped_logits(inputs.features, self.W_, self.b_, self.threshold_))

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from oodlib.models.base import ModelAdapter, Preprocess
+from oodlib.data.preprocess import Preprocess
+from oodlib.models.base import ModelAdapter
 from oodlib.models.torchvision_models import TORCHVISION_MODELS, WeightsError, build_torchvision, load_state_dict_file
 
 MODELS = ("digits-cnn", "densenet-bc-100", *TORCHVISION_MODELS)
@@ -53,4 +54,4 @@ def build_model(name: str, num_classes: int = 1000, preprocess: Preprocess | Non
     raise KeyError(f"unknown model {name!r}; known: {MODELS}")
 
 
-__all__ = ["MODELS", "build_model", "ModelAdapter", "Preprocess", "WeightsError", "load_model"]
+__all__ = ["MODELS", "build_model", "ModelAdapter", "WeightsError", "load_model"]

@@ -23,15 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from oodlib.models.base import ModelAdapter, Preprocess
+from oodlib.data.preprocess import DENSENET_BC_PREPROCESS
+from oodlib.models.base import ModelAdapter
 from oodlib.models.torchvision_models import WeightsError, load_state_dict_file
-
-DENSENET_BC_PREPROCESS = Preprocess(
-    mode="RGB",
-    size=(32, 32),
-    mean=(125.3 / 255, 123.0 / 255, 113.9 / 255),
-    std=(63.0 / 255, 62.1 / 255, 66.7 / 255),
-)
 
 
 class BottleneckBlock(nn.Module):

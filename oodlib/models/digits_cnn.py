@@ -22,7 +22,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from oodlib.models.base import DIGITS_PREPROCESS, ModelAdapter
+from oodlib.data.preprocess import DIGITS_PREPROCESS
+from oodlib.models.base import ModelAdapter
 
 #: Bump when the architecture or the training recipe changes (invalidates caches).
 RECIPE = {"version": 1, "epochs": 30, "lr": 3e-3, "batch_size": 64, "weight_decay": 5e-4, "seed": 0}

@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from oodlib.models.base import CIFAR_PREPROCESS, IMAGENET_PREPROCESS, ModelAdapter, Preprocess
+from oodlib.data.preprocess import CIFAR_PREPROCESS, IMAGENET_PREPROCESS, Preprocess
+from oodlib.models.base import ModelAdapter
 
 TORCHVISION_MODELS = ("resnet18", "resnet50", "densenet121", "mobilenet_v2", "vgg16")
 

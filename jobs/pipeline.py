@@ -1,0 +1,174 @@
+"""The one pipeline loop: for each stage, content key → reuse or run → atomic commit → record
+(seconds, counts) → MLflow; then the summary (``last_run.json``) and the printed tables.
+
+Stages run in the order of :data:`STAGES`; a stage gets the typed results of the stages it
+declares in ``needs`` and nothing else.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from jobs import tracking
+from jobs.config import DetectorConfig, JobConfig
+from jobs.stages.base import Context, Stage, StageResult
+from jobs.stages.embed import EmbedStage
+from jobs.stages.errors import ErrorsStage
+from jobs.stages.evaluate import EvaluateStage
+from jobs.stages.explain import ExplainStage
+from jobs.stages.fit import FitStage
+from jobs.stages.gaussianize import GaussianizeStage
+from jobs.stages.graph import GraphStage
+from jobs.stages.manifest import ManifestStage
+from jobs.stages.mutants import MutantsStage
+from jobs.stages.score import ScoreStage
+from oodlib.detectors import Head
+from oodlib.models import ModelAdapter, load_model
+from oodlib.reporting.tables import results_markdown
+
+STAGES: tuple[type[Stage], ...] = (
+    ManifestStage, MutantsStage, GaussianizeStage, EmbedStage, FitStage, ScoreStage, EvaluateStage, ErrorsStage, GraphStage,
+    ExplainStage,
+)
+
+
+@dataclass
+class StageRecord:
+    """What one stage did in this run."""
+
+    name: str
+    path: Path
+    reused: bool
+    seconds: float
+    counts: dict
+
+
+def plan(cfg: JobConfig, targets: tuple[str, ...] | None = None) -> list[Stage]:
+    """Fresh instances of the enabled stages, in order; with ``targets`` only those and what they need."""
+    stages = [cls() for cls in STAGES if cls().enabled(cfg)]
+    if targets is None:
+        return stages
+    by_name = {s.name: s for s in stages}
+    wanted, todo = set(), list(targets)
+    while todo:
+        name = todo.pop()
+        if name not in wanted:
+            wanted.add(name)
+            todo += by_name[name].needs(cfg)
+    return [s for s in stages if s.name in wanted]
+
+
+def run_stages(ctx: Context, stages: list[Stage], tracker: tracking.Tracker) -> tuple[dict[str, StageResult], list[StageRecord]]:
+    """The loop. Returns every stage's result and what each did."""
+    results: dict[str, StageResult] = {}
+    records = []
+    for stage in stages:
+        t0 = time.time()
+        up = {n: results[n] for n in stage.needs(ctx.cfg)}
+        target = stage.target(ctx, up)
+        reused = target.done
+        if not reused:
+            with target.writing() as tmp:
+                stage.run(ctx, up, tmp)
+        result = results[stage.name] = stage.load(ctx, up, target.path)
+        rec = StageRecord(stage.name, target.path, reused, round(time.time() - t0, 2), result.counts())
+        records.append(rec)
+        print(f"[{stage.name}] {'reused committed result' if reused else 'computed'} in {rec.seconds:.1f}s → {target.path}", flush=True)
+        tracker.stage(stage.name, rec.seconds, result.children(ctx))
+    return results, records
+
+
+def load_job_model(cfg: JobConfig) -> ModelAdapter:
+    """The configured model on the driver (for hashing, the head, and shipping to actors)."""
+    return load_model(cfg.model.name, cfg.model.weights, cfg.model.num_classes or 1000)
+
+
+def run(
+    cfg: JobConfig, schedule: str | None = None, config_path: str = "", detectors: list[DetectorConfig] | None = None,
+    targets: tuple[str, ...] | None = None,
+) -> dict:
+    """Run the job for ``cfg``; returns the summary written to ``{output}/{experiment}/last_run.json``.
+
+    ``detectors``: the detector entries FIT/SCORE/EVALUATE use instead of the config's (a sweep's
+    grid; EMBED's extras still follow the config, so the stored features are reused).
+    ``targets``: run only these stages and what they need (a sweep: ``("evaluate",)``).
+    """
+    started = time.time()
+    model = load_job_model(cfg)
+    root = Path(cfg.output) / cfg.experiment
+    ctx = Context(cfg, model, model.weights_hash(), Head(*model.head_arrays()), root / ".scratch" / uuid.uuid4().hex[:8],
+                  list(detectors or cfg.detectors))
+    run_id = uuid.uuid4().hex[:12]
+    uri = tracking.tracking_uri(cfg.mlflow.tracking_uri, Path(cfg.output)) if cfg.mlflow.enabled else None
+    tags = {"schedule": schedule or cfg.schedule, "git_sha": tracking.git_sha(), "model_hash": ctx.model_hash,
+            "config_hash": cfg.digest(), "oodlib_run_id": run_id, "model": cfg.model.name}
+    params = {"config": config_path, "model": cfg.model.name, "id_dataset": cfg.data.id_dataset, "ood_datasets": ",".join(cfg.data.ood_datasets)}
+    tracker = tracking.Tracker(uri, cfg.experiment, tags, params)
+    try:
+        results, records = run_stages(ctx, plan(cfg, targets), tracker)
+        summary = job_summary(ctx, run_id, config_path, results, records, started)
+        summary.update(mlflow_run_id=tracker.parent_id(), tracking_uri=tracking.redact_uri(uri))
+        metrics = all_metrics(results)
+        acc = metrics[metrics.task == "classify"]
+        tracker.finish(
+            {**{f"acc.{r.dataset.replace('/', '.')}": r.value for r in acc.itertuples()},
+             **{f"count.{k}": v for k, v in summary["images"].items()}},
+            [results["evaluate"].path / "metrics.parquet", results["evaluate"].path / "results.md"] if "evaluate" in results else [],
+            summary,
+        )
+    except BaseException:
+        tracker.fail()
+        raise
+    finally:
+        shutil.rmtree(ctx.scratch, ignore_errors=True)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "last_run.json").write_text(json.dumps(summary, indent=2))
+    print_summary(summary, metrics)
+    return summary
+
+
+def all_metrics(results: dict[str, StageResult]) -> pd.DataFrame:
+    """Every stage's metrics rows in one table (task, method, dataset, metric, value)."""
+    parts = [m for r in results.values() if (m := r.metrics()) is not None]
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["task", "method", "dataset", "metric", "value"])
+
+
+def job_summary(ctx: Context, run_id: str, config_path: str, results: dict, records: list[StageRecord], started: float) -> dict:
+    """The run's record: ids and hashes, what each stage did, and the image counts
+    (input = embedded + quarantined, manifest and EMBED quarantine together)."""
+    cfg, manifest = ctx.cfg, results["manifest"]
+    embed = results["embed"].counts() if "embed" in results else {"features": 0, "quarantined": 0}
+    images = {"input": manifest.counts()["input"], "features": embed["features"],
+              "quarantined": manifest.counts()["quarantined"] + embed["quarantined"]}
+    summary = {
+        "run_id": run_id, "experiment": cfg.experiment, "config": config_path, "config_hash": cfg.digest(),
+        "manifest": manifest.source, "manifest_hash": manifest.hash(), "model_hash": ctx.model_hash,
+        "stages": {r.name: str(r.path) for r in records}, "reused": {r.name: r.reused for r in records},
+        "seconds": {r.name: r.seconds for r in records}, "counts": {r.name: r.counts for r in records if r.counts},
+        "images": images, "total_seconds": round(time.time() - started, 2),
+    }
+    embed_rec = next((r for r in records if r.name == "embed"), None)
+    if embed_rec is not None and not embed_rec.reused and embed_rec.seconds > 0 and embed.get("images_embedded"):
+        summary["throughput_images_per_s"] = round(embed["images_embedded"] / embed_rec.seconds, 1)
+    return summary
+
+
+def print_summary(summary: dict, metrics: pd.DataFrame) -> None:
+    print("\n" + results_markdown(metrics))
+    i, c = summary["images"], summary["counts"].get("embed", {})
+    print(f"\nimages: {i['input']} in, {i['features']} embedded, {i['quarantined']} quarantined"
+          + (f"; EMBED {summary['throughput_images_per_s']} images/s" if "throughput_images_per_s" in summary else ""))
+    print("stage seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in summary["seconds"].items()))
+    if c:
+        print(f"shards: recomputed {c.get('shards_recomputed')} of {c.get('shards_total')} (EMBED)")
+    print(f"outputs: {Path(summary['stages']['manifest']).parent.parent} (last_run.json lists every stage path)")
+    if summary["tracking_uri"]:
+        print(f"MLflow run {summary['mlflow_run_id']} in {summary['tracking_uri']}")
+        print(f"  look at it: mlflow ui --backend-store-uri {summary['tracking_uri']} --host 127.0.0.1")
+    print(f"done in {summary['total_seconds']:.1f}s")

@@ -1,0 +1,1 @@
+"""The job's stages, one module each; :mod:`jobs.pipeline` runs them in order (``STAGES``)."""

@@ -1,0 +1,66 @@
+"""EVALUATE: the ``metrics`` table (task, method, dataset, metric, value; fractions), the printed
+results table (``results.md``, percent) and one ROC/histogram PNG per detector."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from jobs import storage
+from jobs.config import JobConfig
+from jobs.stages.base import Child, Context, Stage, StageResult
+from oodlib.evaluation import classify_rows, ood_metric_rows
+from oodlib.reporting.ood import plot_roc_and_histograms
+from oodlib.reporting.tables import results_markdown
+
+METRICS_SCHEMA = pa.schema(
+    [("task", pa.string()), ("method", pa.string()), ("dataset", pa.string()), ("metric", pa.string()), ("value", pa.float64())]
+)
+
+
+@dataclass
+class EvaluateResult(StageResult):
+    table: pd.DataFrame
+
+    def metrics(self) -> pd.DataFrame:
+        return self.table
+
+    def children(self, ctx: Context) -> list[Child]:
+        """One child run per detector: its hyperparameters, per-set metrics and its plot."""
+        out, detectors = [], ctx.build_detectors()
+        for d in ctx.detectors:
+            rows = self.table[(self.table.task == "ood") & (self.table.method == d.key)]
+            params = {"detector": d.name, **detectors[d.key].params()}
+            out.append(Child(d.key, params, per_set_metrics(rows), [self.path / "plots" / f"{d.key}.png"]))
+        return out
+
+
+def per_set_metrics(rows: pd.DataFrame) -> dict[str, float]:
+    """``{dataset}.{metric}`` → value (the child-run metric names)."""
+    return {f"{r.dataset}.{r.metric}": float(r.value) for r in rows.itertuples()}
+
+
+class EvaluateStage(Stage):
+    name = "evaluate"
+    version = 2
+
+    def needs(self, cfg: JobConfig) -> tuple[str, ...]:
+        return ("score",)
+
+    def key(self, ctx: Context, up: dict) -> dict:
+        return {"scores": up["score"].path.name, "id": ctx.cfg.data.id_dataset, "ood": ctx.cfg.data.ood_datasets}
+
+    def run(self, ctx: Context, up: dict, tmp: Path) -> None:
+        data = ctx.cfg.data
+        scores = up["score"].read()
+        rows = ood_metric_rows(scores, data.id_dataset, data.ood_datasets) + classify_rows(scores, data.id_dataset)
+        metrics = pa.Table.from_pylist(rows, schema=METRICS_SCHEMA)
+        storage.write_table(metrics, tmp, "metrics.parquet")
+        plot_roc_and_histograms(scores, data.id_dataset, data.ood_datasets, tmp / "plots")
+        (tmp / "results.md").write_text(results_markdown(metrics.to_pandas()))
+
+    def load(self, ctx: Context, up: dict, path: Path) -> EvaluateResult:
+        return EvaluateResult(path, pq.read_table(path / "metrics.parquet").to_pandas())

@@ -1,0 +1,59 @@
+"""What the driver ships to Ray workers so they rebuild its exact model: architecture name and
+the state dict as NumPy arrays (through the object store), and how many GPUs an actor takes."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from oodlib.models import ModelAdapter, build_model
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What an actor needs to rebuild the driver's model exactly: architecture + state dict ref,
+    the device to run on, and the EMBED extras (:class:`jobs.extras.ExtraSpec`) to compute."""
+
+    name: str
+    num_classes: int
+    state: object  # ray.ObjectRef to {param name: np.ndarray}, or the dict itself
+    device: str = "auto"
+    extras: tuple = ()
+
+
+def model_state_arrays(model: ModelAdapter) -> dict[str, np.ndarray]:
+    """The model's state dict as NumPy arrays (what the driver ships to actors)."""
+    return {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
+
+
+def rebuild_model(name: str, num_classes: int, state: dict[str, np.ndarray], device: torch.device) -> ModelAdapter:
+    """Architecture ``name`` with the shipped weights, in eval mode on ``device``."""
+    model = build_model(name, num_classes)
+    model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()})
+    return model.to(device).eval()
+
+
+def fetch(ref):
+    """The value behind an object-store reference (or the value itself)."""
+    import ray
+
+    return ray.get(ref) if isinstance(ref, ray.ObjectRef) else ref
+
+
+def gpus_per_actor(requested: str | float) -> float:
+    """GPUs per actor: ``auto`` → 1 when the Ray cluster has GPUs, else 0.
+
+    A request for GPUs on a cluster without any fails at once (Ray would otherwise wait ~30 min).
+    """
+    import ray
+
+    available = ray.cluster_resources().get("GPU", 0.0)
+    if requested == "auto":
+        return 1.0 if available >= 1 else 0.0
+    if requested > 0 and available < requested:
+        raise RuntimeError(
+            f"embed.num_gpus_per_actor={requested} but the Ray cluster has {available:g} GPUs; "
+            "set it to 0 or 'auto', or add GPU workers"
+        )
+    return float(requested)
