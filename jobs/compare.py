@@ -14,7 +14,7 @@ newest and the previous run with ``--fail-on-regression``; 2 unknown experiment 
 arguments. Only FINISHED parent runs are compared (a failed or still-running job is skipped).
 
 Pipeline: :func:`fetch_runs` → :func:`tidy_runs` → :func:`compare_runs` → :func:`render_table` /
-:func:`plot_trend` / :func:`newest_regressions`.
+:func:`oodlib.reporting.trends.plot_trend` / :func:`newest_regressions`.
 """
 from __future__ import annotations
 
@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from oodlib.reporting.trends import plot_trend
 
 DEFAULT_TRACKING_URI = "sqlite:///outputs/mlflow.db"
 #: compared metrics and their good direction (+1 higher is better, -1 lower is better)
@@ -206,34 +208,6 @@ def render_table(compared: pd.DataFrame, last: int, threshold: float) -> str:
     return "\n".join(lines)
 
 
-def plot_trend(compared: pd.DataFrame, last: int, path: Path, title: str) -> Path:
-    """Avg auroc and fpr95 per detector over the shown runs (oldest → newest), as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    avg = compared[(compared["set"] == "avg") & (compared["order"] < last)]
-    orders = sorted(avg["order"].unique(), reverse=True)  # oldest first
-    labels = [f"{avg[avg['order'] == o]['start_time'].iloc[0]:%m-%d %H:%M}\n{avg[avg['order'] == o]['run_id'].iloc[0][:8]}" for o in orders]
-    fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.6 * len(orders) + 4), 4), squeeze=False)
-    for ax, metric in zip(axes[0], ["auroc", "fpr95"]):
-        for method in sorted(avg["method"].unique()):
-            s = avg[(avg["method"] == method) & (avg["metric"] == metric)].set_index("order")["value"]
-            ax.plot(range(len(orders)), [s.get(o, np.nan) for o in orders], marker="o", label=method)
-        ax.set_xticks(range(len(orders)), labels, fontsize=7)
-        ax.set_title(f"avg {metric} ({'higher' if DIRECTION[metric] > 0 else 'lower'} is better)")
-        ax.set_ylim(-0.02, 1.02)
-        ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
 # --- CLI ---
 
 
@@ -271,7 +245,7 @@ def run(args: argparse.Namespace) -> int:
     print(render_table(compared, args.last, args.threshold))
     if not args.no_png:
         png = args.png or Path(f"compare-{re.sub(r'[^A-Za-z0-9_.-]', '_', args.experiment)}.png")
-        plot_trend(compared, args.last, png, f"{args.experiment}: last {n_shown} run(s)")
+        plot_trend(compared, args.last, png, DIRECTION, f"{args.experiment}: last {n_shown} run(s)")
         print(f"trend plot: {png}")
     if args.fail_on_regression and not newest_regressions(compared).empty:
         return 1

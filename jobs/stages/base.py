@@ -63,6 +63,11 @@ class Child:
     artifacts: list[Path] = field(default_factory=list)
 
 
+def per_set_metrics(rows: pd.DataFrame) -> dict[str, float]:
+    """``{dataset}.{metric}`` → value of metrics rows (the child-run metric names)."""
+    return {f"{r.dataset}.{r.metric}": float(r.value) for r in rows.itertuples()}
+
+
 @dataclass
 class StageResult:
     """Base of every stage's typed result: the committed directory it was read from."""
@@ -103,9 +108,8 @@ class Stage:
         """Everything the result depends on (JSON-serializable); hashed into the content key."""
         raise NotImplementedError
 
-    def run(self, ctx: Context, up: dict[str, Any], tmp: Path) -> dict | None:
-        """Compute the result into the fresh directory ``tmp`` (committed atomically afterwards);
-        may return metadata recorded in ``_SUCCESS``."""
+    def run(self, ctx: Context, up: dict[str, Any], tmp: Path) -> None:
+        """Compute the result into the fresh directory ``tmp`` (committed atomically afterwards)."""
         raise NotImplementedError
 
     def load(self, ctx: Context, up: dict[str, Any], path: Path) -> StageResult:

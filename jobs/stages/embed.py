@@ -65,7 +65,7 @@ class EmbedStage(Stage):
     def _shard_dir(self, ctx: Context, key: str) -> storage.StageDir:
         return storage.StageDir(ctx.root / self.name / "shards", key)
 
-    def run(self, ctx: Context, up: dict, tmp: Path) -> dict:
+    def run(self, ctx: Context, up: dict, tmp: Path) -> None:
         cfg = ctx.cfg
         targets = {s: self._shard_dir(ctx, k) for s, k in self._keys.items()}
         todo = {s: t for s, t in targets.items() if not t.done}
@@ -93,7 +93,6 @@ class EmbedStage(Stage):
         counts.update(shards_total=len(targets), shards_recomputed=len(todo), images_embedded=n_fresh)
         shards.write_index(tmp, [targets[s].path for s in sorted(targets)], {"counts": counts})
         self._run_counts = counts
-        return counts
 
     def _embed_waves(self, ctx: Context, todo: dict, fresh: np.ndarray, by_shard: dict, reuse: dict, latest: Path) -> None:
         cfg = ctx.cfg

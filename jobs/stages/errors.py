@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 
 from jobs import storage
 from jobs.config import JobConfig
-from jobs.stages.base import Child, Context, Stage, StageResult, rows_of
+from jobs.stages.base import Child, Context, Stage, StageResult, per_set_metrics, rows_of
 from oodlib.errors import SPRT, auroc_vs_mutants, error_table, fit_and_evaluate, group_split, lcr_table, to_long_metrics
 from oodlib.reporting.errors import plot_auroc_vs_mutants
 from oodlib.reporting.tables import error_markdown
@@ -58,7 +58,7 @@ class ErrorsResult(StageResult):
     def children(self, ctx: Context) -> list[Child]:
         rows = self.table
         return [Child(f"error/{method}", {"errors": ctx.cfg.errors.model_dump_json()},
-                      {f"{r.dataset}.{r.metric}": float(r.value) for r in g.itertuples()})
+                      per_set_metrics(g))
                 for method, g in rows.groupby("method", sort=False)]
 
 

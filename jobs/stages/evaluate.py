@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 
 from jobs import storage
 from jobs.config import JobConfig
-from jobs.stages.base import Child, Context, Stage, StageResult
+from jobs.stages.base import Child, Context, Stage, StageResult, per_set_metrics
 from oodlib.evaluation import classify_rows, ood_metric_rows
 from oodlib.reporting.ood import plot_roc_and_histograms
 from oodlib.reporting.tables import results_markdown
@@ -36,11 +36,6 @@ class EvaluateResult(StageResult):
             params = {"detector": d.name, **detectors[d.key].params()}
             out.append(Child(d.key, params, per_set_metrics(rows), [self.path / "plots" / f"{d.key}.png"]))
         return out
-
-
-def per_set_metrics(rows: pd.DataFrame) -> dict[str, float]:
-    """``{dataset}.{metric}`` → value (the child-run metric names)."""
-    return {f"{r.dataset}.{r.metric}": float(r.value) for r in rows.itertuples()}
 
 
 class EvaluateStage(Stage):

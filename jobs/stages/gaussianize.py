@@ -35,13 +35,12 @@ class GaussianizeStage(Stage):
             raise ValueError(f"graph.train_dataset: no train rows of {g.train_dataset!r} in the manifest")
         return {"model": ctx.model_hash, "train": rows_hash(self._rows), "epochs": g.bn_finetune_epochs, "seed": g.seed}
 
-    def run(self, ctx: Context, up: dict, tmp: Path) -> dict:
+    def run(self, ctx: Context, up: dict, tmp: Path) -> None:
         g, rows = ctx.cfg.graph, self._rows
         x, reasons = decode_batch(rows.column("image").to_pylist(), rows.column("path").to_pylist(), ctx.model.preprocess)
         labels = labels_of(rows)[[r is None for r in reasons]]
         data = x if g.bn_finetune_epochs == 0 else [(x, labels)]
         save_bn_state(gaussianize(ctx.model, data, epochs=g.bn_finetune_epochs, seed=g.seed, device="cpu"), tmp / "bn.safetensors")
-        return {"images": int(len(x))}
 
     def load(self, ctx: Context, up: dict, path: Path) -> GaussianizeResult:
         return GaussianizeResult(path, load_bn_state(ctx.model, path / "bn.safetensors").eval())

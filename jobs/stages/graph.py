@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 
 from jobs import storage
 from jobs.config import JobConfig
-from jobs.stages.base import Child, Context, Stage, StageResult
+from jobs.stages.base import Child, Context, Stage, StageResult, per_set_metrics
 from oodlib.longtail import make_ablation, neighbour_stats
 from oodlib.metrics import OOD_METRICS, head_tail_accuracy, ood_metrics
 
@@ -34,7 +34,7 @@ class GraphResult(StageResult):
 
     def children(self, ctx: Context) -> list[Child]:
         params = ctx.cfg.graph.model_dump(exclude={"ablations", "enabled"})
-        return [Child(f"lt/{method}", {"variant": method, **params}, {f"{r.dataset}.{r.metric}": float(r.value) for r in g.itertuples()})
+        return [Child(f"lt/{method}", {"variant": method, **params}, per_set_metrics(g))
                 for method, g in self.table.groupby("method", sort=False)]
 
 

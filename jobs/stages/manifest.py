@@ -55,7 +55,7 @@ class ManifestStage(Stage):
         return {"source": cfg.data.source, **source, "datasets": wanted_datasets(cfg), "limit": cfg.data.limit_per_split,
                 "num_classes": ctx.model.num_classes, "id": cfg.data.id_dataset}
 
-    def run(self, ctx: Context, up: dict, tmp: Path) -> dict:
+    def run(self, ctx: Context, up: dict, tmp: Path) -> None:
         cfg = ctx.cfg
         if cfg.data.source == "manifest":
             table = read_manifest(cfg.data.manifest, strict=False)
@@ -70,7 +70,6 @@ class ManifestStage(Stage):
         storage.write_table(quarantined, tmp, "quarantine.parquet")
         counts = {"manifest_rows": table.num_rows, "usable": rows.num_rows, "quarantined": quarantined.num_rows}
         (tmp / "counts.json").write_text(json.dumps(counts))
-        return counts
 
     def load(self, ctx: Context, up: dict, path: Path) -> ManifestResult:
         rows = pq.read_table(path / "rows.parquet")

@@ -119,7 +119,7 @@ class ScoreStage(Stage):
         self._keys = {e: storage.content_key("score-shard", SHARD_VERSION, fit=up["fit"].path.name, embed=e) for e in features}
         return {"shards": sorted(self._keys.values())}
 
-    def run(self, ctx: Context, up: dict, tmp: Path) -> dict:
+    def run(self, ctx: Context, up: dict, tmp: Path) -> None:
         features = up["embed"].features
         targets = {e: StageDir(ctx.root / self.name / "shards", k) for e, k in self._keys.items()}
         todo = {e: t for e, t in targets.items() if not t.done}
@@ -132,7 +132,6 @@ class ScoreStage(Stage):
             for e in set(todo) - set(with_rows):  # every image of the shard was quarantined
                 commit_shard(todo[e], {"scores": None}, {"rows": 0})
         shards.write_index(tmp, [targets[e].path for e in sorted(targets)], {})
-        return {"shards_recomputed": len(todo)}
 
     def load(self, ctx: Context, up: dict, path: Path) -> ScoreResult:
         return ScoreResult(path, [Path(p) / "scores" for p in json.loads((path / "index.json").read_text())["shards"]])

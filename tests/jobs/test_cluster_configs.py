@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CLUSTER = ROOT / "cluster"
 LAUNCHER_CONFIGS = [ROOT / "ray_cluster.yaml", CLUSTER / "gcp.yaml"]
 KUBERAY = CLUSTER / "kuberay"

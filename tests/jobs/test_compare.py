@@ -53,7 +53,7 @@ def _child_metrics(v: tuple[float, float, float, float]) -> pd.DataFrame:
 
 
 def _log_job(uri: str, name: str, schedule: str, failed: bool = False, explain: bool = False) -> str:
-    """One job's MLflow records, as ``jobs.tracking.log_job`` writes them."""
+    """One job's MLflow records, as :class:`jobs.tracking.Tracker` writes them."""
     from mlflow import MlflowClient
 
     from jobs import tracking
@@ -74,7 +74,7 @@ def _log_job(uri: str, name: str, schedule: str, failed: bool = False, explain: 
     if explain:  # a child without OOD metrics: not a detector to compare
         children.append(("explain", {"n": 4}, pd.DataFrame({"dataset": ["lrp"], "metric": ["pointing"], "value": [0.5]})))
     for key, params, rows in children:
-        client.set_terminated(tracking.log_run(client, exp_id, key, {**tags, "method": key}, params, tracking.child_metrics(rows), parent_id=parent))
+        client.set_terminated(tracking.log_run(client, exp_id, key, {**tags, "method": key}, params, {f"{r.dataset}.{r.metric}": float(r.value) for r in rows.itertuples()}, parent_id=parent))
     client.set_terminated(parent, "FAILED" if failed else "FINISHED")
     return parent
 
@@ -280,7 +280,7 @@ def test_report_prints_last_run(tmp_path, capsys, monkeypatch):
         "mlflow_run_id": "435fcc33", "tracking_uri": "sqlite:///out/mlflow.db", "manifest": "m.parquet", "manifest_hash": "544c",
         "model_hash": "c06c", "stages": {"embed": "out/exp/embed/key=1", "evaluate": "out/exp/metrics/key=abc"},
         "reused": {"embed": True, "evaluate": False}, "seconds": {"embed": 0.0, "evaluate": 0.82},
-        "counts": {"embed": {"input": 6065, "features": 6060, "quarantined": 5}}, "total_seconds": 7.43,
+        "images": {"input": 6065, "features": 6060, "quarantined": 5}, "total_seconds": 7.43,
     }
     (tmp_path / "out" / "exp" / "last_run.json").write_text(json.dumps(summary))
     assert cli.main(["report", "--output", "out", "--experiment", "exp"]) == 0

@@ -13,7 +13,7 @@ from oodlib.data.decode import decode_batch
 from oodlib.data.manifest import ManifestError, manifest_from_cifar_binary
 from oodlib.data.preprocess import CIFAR_PREPROCESS
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)

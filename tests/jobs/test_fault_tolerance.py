@@ -17,7 +17,7 @@ from jobs.workers import ModelSpec, model_state_arrays
 from jobs.config import parse_config
 
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(autouse=True)

@@ -15,7 +15,7 @@ import yaml
 from tests.jobs.servers import free_port, stop_group, wait_until_answering
 
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 RAY = str(Path(sys.executable).parent / "ray")
 
 

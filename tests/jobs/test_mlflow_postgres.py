@@ -72,11 +72,13 @@ def test_jobs_log_to_postgres_through_the_server_and_compare_reads_it(postgres, 
     import psycopg
     from tests.jobs.test_compare import AVG, EXP, _log_job
 
-    from jobs import cli, compare, tracking
+    from mlflow import MlflowClient
+
+    from jobs import cli, compare
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     ids = {name: _log_job(mlflow_server, name, "nightly", explain=name == "r3") for name in ("r1", "r2", "r3")}
-    tracking.log_summary(mlflow_server, ids["r3"], {"counts": {"embed": {"input": 100, "features": 99, "quarantined": 1}}})
+    MlflowClient(mlflow_server).log_dict(ids["r3"], {"images": {"input": 100, "features": 99, "quarantined": 1}}, "run_summary.json")
 
     # the rows are in PostgreSQL: 3 parents, 2 detector children each, one explain child
     with psycopg.connect(postgres) as conn, conn.cursor() as cur:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "cluster" / "nightly.sh"
 STATUSES = ["PENDING", "RUNNING", "STOPPED", "SUCCEEDED", "FAILED"]
 JOB_ID = "@ID@"  # placeholder the fake replaces with the queried submission id
