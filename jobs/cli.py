@@ -3,6 +3,7 @@ compare runs in MLflow. ``python -m jobs.nightly`` (what ``ray job submit`` runs
 
     oodlib run --config configs/digits.yaml [--set KEY=VALUE ...] [--schedule nightly]
     oodlib sweep --config configs/digits.yaml --grid line.delta=0.8,1.0,inf [--set KEY=VALUE ...]
+    oodlib verify --config configs/digits.yaml [--repair]
     oodlib report --output outputs --experiment digits
     oodlib compare --experiment digits [--last 5] [--per-set] [--fail-on-regression] ...
 
@@ -31,7 +32,10 @@ def parse_overrides(items: list[str]) -> dict:
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected key=value")
         key, value = item.split("=", 1)
-        out[key] = yaml.safe_load(value)
+        try:
+            out[key] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({exc.problem or exc})") from None
     return out
 
 
@@ -54,15 +58,38 @@ def exit_code(action) -> int:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from jobs import pipeline  # torch/Ray: only for `run`
+    from jobs.runtime import exit_on_sigterm
 
+    exit_on_sigterm()
     return exit_code(lambda: pipeline.run(load_config(args.config, parse_overrides(args.set)), args.schedule, args.config))
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
     from jobs import sweep
+    from jobs.runtime import exit_on_sigterm
 
+    exit_on_sigterm()
     return exit_code(lambda: sweep.run_sweep(load_config(args.config, parse_overrides(args.set)),
                                              [sweep.parse_axis(a) for a in args.grid], args.config))
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    """Hash-check the committed outputs of a config's experiment; 1 when any was damaged."""
+    from jobs import storage
+
+    try:
+        cfg = load_config(args.config, parse_overrides(args.set))
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    root = Path(cfg.output) / cfg.experiment
+    checked, damaged = storage.verify_tree(root, repair=args.repair)
+    for d, found in damaged.items():
+        print(f"DAMAGED {d}" + (" (discarded: the next run recomputes it)" if args.repair else ""))
+        for line in found:
+            print(f"    {line}")
+    print(f"verified {checked} committed directories under {root}: {len(damaged)} damaged")
+    return 1 if damaged else 0
 
 
 def _add_job_arguments(parser: argparse.ArgumentParser) -> None:
@@ -134,7 +161,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="oodlib", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{run,sweep,report,compare}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{run,sweep,verify,report,compare}")
 
     p_run = sub.add_parser("run", help="run the job (python -m jobs.nightly)")
     _add_job_arguments(p_run)
@@ -146,6 +173,11 @@ def build_parser() -> argparse.ArgumentParser:
     p_sweep.add_argument("--grid", action="append", required=True, metavar="DETECTOR.PARAM=v1,v2,…",
                          help="one axis of the grid (repeat for a 2-D grid); inf/off/none switch a step off")
     p_sweep.set_defaults(func=_cmd_sweep)
+
+    p_verify = sub.add_parser("verify", help="hash-check every committed output of the experiment (--repair discards damaged ones)")
+    _add_job_arguments(p_verify)
+    p_verify.add_argument("--repair", action="store_true", help="discard damaged commits so that the next run recomputes them")
+    p_verify.set_defaults(func=_cmd_verify)
 
     p_report = sub.add_parser("report", help="print last_run.json and the results table of the last run")
     p_report.add_argument("--output", type=Path, default=Path("outputs"), help="the config's output directory (default outputs)")

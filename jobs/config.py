@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -30,7 +30,14 @@ def known_names(values: list[str], known, what: str) -> list[str]:
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    """Unknown keys are errors, values are never coerced across types (``true`` is not the
+    integer 1, ``"8"`` is not a number); paths are given as strings (:data:`PathField`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+#: a path field: a string in the YAML (strict mode would demand a Path object)
+PathField = Annotated[Path, Field(strict=False)]
 
 
 class ImageSetConfig(Strict):
@@ -43,8 +50,8 @@ class ImageSetConfig(Strict):
     split: Literal["train", "val", "test"]
     kind: Literal["imagefolder", "list", "cifar10-binary", "cifar100-binary", "npy"] = "imagefolder"
     #: a folder; for ``npy`` a ``.npy`` file of N×H×W×3 uint8 images (e.g. TinyImages-300K)
-    root: Path
-    list_file: Path | None = None
+    root: PathField
+    list_file: PathField | None = None
     ood: bool = False
     #: make a long-tailed train set (first n_k images per class, n_k = n_max·ρ^(−k/(C−1))) and a
     #: balanced ``val`` split from the remainder (``val_per_class`` images per class)
@@ -64,7 +71,7 @@ class DataConfig(Strict):
     """Which images: the embedded ``digits`` benchmark, a user manifest, or image sets on disk."""
 
     source: Literal["digits", "manifest", "folders"] = "digits"
-    manifest: Path | None = None
+    manifest: PathField | None = None
     sets: list[ImageSetConfig] = Field(default_factory=list)
     seed: int = 0
     id_dataset: str = "digits"
@@ -73,6 +80,8 @@ class DataConfig(Strict):
     limit_per_split: int | None = Field(default=None, gt=0)
     #: extra datasets to embed and score without OOD evaluation (e.g. digits-c, LT train sets)
     extra_datasets: list[str] = Field(default_factory=list)
+    #: an image file (or embedded image) larger than this is quarantined before it is read whole
+    max_image_bytes: int = Field(default=64 * 2**20, gt=0)
 
     @model_validator(mode="after")
     def _manifest_given(self) -> "DataConfig":
@@ -98,6 +107,31 @@ class ModelConfig(Strict):
     @classmethod
     def _known(cls, v: str) -> str:
         return known_names([v], MODELS, "model")[0]
+
+    @field_validator("device")
+    @classmethod
+    def _device_exists(cls, v: str) -> str:
+        """``auto``, ``cpu``, ``cuda`` / ``cuda:N`` or ``mps`` — and a GPU device must exist here, or
+        on the Ray cluster the job runs on (``$RAY_ADDRESS``)."""
+        import os
+        import re
+
+        if v in ("auto", "cpu"):
+            return v
+        if not re.fullmatch(r"cuda(:\d+)?|mps", v):
+            raise ValueError(f"unknown device {v!r}; use auto, cpu, cuda, cuda:N or mps")
+        if os.environ.get("RAY_ADDRESS"):
+            return v  # the workers' devices are checked when the actors start
+        import torch
+
+        if v == "mps" and not torch.backends.mps.is_available():
+            raise ValueError("device 'mps' but this machine has no MPS device")
+        if v.startswith("cuda"):
+            index = int(v.split(":")[1]) if ":" in v else 0
+            if index >= torch.cuda.device_count():
+                raise ValueError(f"device {v!r} but this machine has {torch.cuda.device_count()} CUDA device(s) "
+                                 "(and no RAY_ADDRESS cluster is set); use auto or cpu")
+        return v
 
     @field_validator("weights")
     @classmethod
@@ -173,9 +207,9 @@ class LocalizationDataConfig(Strict):
     (``masks_dir/<image stem>.png``, non-zero = the object; ImageNet-S, the ImageNet segmentation
     subset) or PASCAL VOC box annotations (``voc_dir/<image stem>.xml``)."""
 
-    list_file: Path
-    masks_dir: Path | None = None
-    voc_dir: Path | None = None
+    list_file: PathField
+    masks_dir: PathField | None = None
+    voc_dir: PathField | None = None
     #: pointing-game tolerance in input pixels (15 is the usual value for VOC boxes)
     tolerance: int = Field(default=0, ge=0)
 
@@ -251,6 +285,15 @@ class ErrorsConfig(Strict):
     seed: int = 0
 
 
+class RuntimeConfig(Strict):
+    """How the job behaves on the cluster."""
+
+    #: fail a stage whose units of work (a features file, a score shard …) make no progress for
+    #: this long — e.g. tasks waiting for CPUs a cluster does not have — with a message naming
+    #: the cluster's resources; null waits forever
+    stall_timeout_s: float | None = Field(default=1800.0, gt=0)
+
+
 class MlflowConfig(Strict):
     #: None → sqlite:///{output}/mlflow.db (or $MLFLOW_TRACKING_URI when set)
     tracking_uri: str | None = None
@@ -259,7 +302,7 @@ class MlflowConfig(Strict):
 
 class JobConfig(Strict):
     experiment: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
-    output: Path = Path("outputs")
+    output: PathField = Path("outputs")
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     embed: EmbedConfig = Field(default_factory=EmbedConfig)
@@ -268,7 +311,19 @@ class JobConfig(Strict):
     explain: ExplainConfig = Field(default_factory=ExplainConfig)
     errors: ErrorsConfig = Field(default_factory=ErrorsConfig)
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     schedule: str = "manual"
+
+    @field_validator("output")
+    @classmethod
+    def _output_is_a_directory(cls, v: Path) -> Path:
+        """The output must be (or be creatable as) a directory: no file on the way."""
+        for p in (v, *v.parents):
+            if p.exists():
+                if not p.is_dir():
+                    raise ValueError(f"{p} is a file, not a directory" + ("" if p == v else f" (on the way to {v})"))
+                break
+        return v
 
     @field_validator("detectors", mode="before")
     @classmethod
@@ -354,6 +409,8 @@ def load_config(path: str | Path, overrides: dict | None = None) -> JobConfig:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of config sections, got {type(raw).__name__}")
     for dotted, value in (overrides or {}).items():
         set_dotted(raw, dotted, value)
     return parse_config(raw, source=str(path))

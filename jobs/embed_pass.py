@@ -20,14 +20,16 @@ from jobs.extras import Extra, build_extras
 from jobs.shards import commit_shard
 from jobs.storage import QUARANTINE_SCHEMA, StageDir, parquet_rows, vector_column, write_table
 from jobs.workers import ModelSpec, fetch, rebuild_model
-from oodlib.data.decode import decode_batch
+from oodlib.data.decode import MAX_BYTES, decode_batch
 from oodlib.device import resolve_device
 from oodlib.models import ModelAdapter
 
 PASS_THROUGH = ("image_id", "dataset", "split", "label", "subset", "shard")
 
 
-def embed_batch(model: ModelAdapter, batch: pa.Table, device: torch.device, extras: list[Extra] = ()) -> pa.Table:
+def embed_batch(
+    model: ModelAdapter, batch: pa.Table, device: torch.device, extras: list[Extra] = (), max_bytes: int = MAX_BYTES,
+) -> pa.Table:
     """Features, logits and the configured extras for one manifest batch (one decode, one forward).
 
     Returns one row per input row: the pass-through columns, ``pred`` (int32), ``logits`` [C],
@@ -36,7 +38,7 @@ def embed_batch(model: ModelAdapter, batch: pa.Table, device: torch.device, extr
     """
     images = batch.column("image").to_pylist()
     paths = batch.column("path").to_pylist()
-    x, reasons = decode_batch(images, paths, model.preprocess)
+    x, reasons = decode_batch(images, paths, model.preprocess, max_bytes)
     n, ok = batch.num_rows, np.array([r is None for r in reasons], bool)
     feats = np.zeros((n, model.feature_dim), np.float32)
     logits = np.zeros((n, model.num_classes), np.float32)
@@ -92,9 +94,10 @@ class EmbedActor:
         self.device = resolve_device(spec.device)
         self.model = rebuild_model(spec.name, spec.num_classes, state, self.device)
         self.extras = build_extras(spec.extras, self.model, self.device)
+        self.max_bytes = spec.max_image_bytes
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        return embed_batch(self.model, batch, self.device, self.extras)
+        return embed_batch(self.model, batch, self.device, self.extras, self.max_bytes)
 
 
 def _blocks(table: pa.Table, rows: int) -> list[pa.Table]:

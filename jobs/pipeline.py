@@ -7,6 +7,7 @@ declares in ``needs`` and nothing else.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import time
 import uuid
@@ -15,8 +16,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from jobs import tracking
+from jobs import storage, tracking
 from jobs.config import DetectorConfig, JobConfig
+from jobs.runtime import claim_scratch, clean_stale_scratch
 from jobs.stages.base import Context, Stage, StageResult
 from jobs.stages.embed import EmbedStage
 from jobs.stages.errors import ErrorsStage
@@ -32,6 +34,7 @@ from oodlib.detectors import Head
 from oodlib.models import ModelAdapter, load_model
 from oodlib.reporting.tables import results_markdown
 
+log = logging.getLogger("oodlib.pipeline")
 STAGES: tuple[type[Stage], ...] = (
     ManifestStage, MutantsStage, GaussianizeStage, EmbedStage, FitStage, ScoreStage, EvaluateStage, ErrorsStage, GraphStage,
     ExplainStage,
@@ -72,7 +75,11 @@ def run_stages(ctx: Context, stages: list[Stage], tracker: tracking.Tracker) -> 
         t0 = time.time()
         up = {n: results[n] for n in stage.needs(ctx.cfg)}
         target = stage.target(ctx, up)
-        reused = target.done
+        committed = target.committed()
+        reused = committed and stage.intact(ctx, up, target.path)
+        if committed and not reused:  # what it refers to was damaged: repair it
+            log.warning("[%s] %s refers to damaged outputs; recomputing them", stage.name, target.path)
+            storage.discard(target.path)
         if not reused:
             with target.writing() as tmp:
                 stage.run(ctx, up, tmp)
@@ -110,6 +117,8 @@ def run(
             "config_hash": cfg.digest(), "oodlib_run_id": run_id, "model": cfg.model.name}
     params = {"config": config_path, "model": cfg.model.name, "id_dataset": cfg.data.id_dataset, "ood_datasets": ",".join(cfg.data.ood_datasets)}
     tracker = tracking.Tracker(uri, cfg.experiment, tags, params)
+    clean_stale_scratch(ctx.scratch.parent)
+    claim_scratch(ctx.scratch)
     try:
         results, records = run_stages(ctx, plan(cfg, targets), tracker)
         summary = job_summary(ctx, run_id, config_path, results, records, started)

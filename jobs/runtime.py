@@ -38,13 +38,86 @@ def private_token_file(path: Path | None = None, create: bool = True) -> Path | 
 
 
 def init_ray():
-    """Connect to ``$RAY_ADDRESS`` (or the cluster this job was submitted to), else start local Ray
-    with token authentication (an owner-only token file). Returns the ``ray`` module."""
+    """Connect to ``$RAY_ADDRESS`` (or the cluster this job was submitted to), else start a fresh
+    local Ray with token authentication (an owner-only token file) and every port on the loopback
+    interface. Returns the ``ray`` module."""
+    import sys
+
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+        return sys.modules["ray"]
+    address = os.environ.get("RAY_ADDRESS")
+    if not address:
+        loopback_only()
     import ray
 
-    if not ray.is_initialized():
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
-        address = os.environ.get("RAY_ADDRESS")
-        private_token_file(create=not address)
-        ray.init(address=address or None, log_to_driver=True, include_dashboard=False if not address else None)
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    private_token_file(create=not address)
+    ray.init(address=address or "local", log_to_driver=True, include_dashboard=False if not address else None)
     return ray
+
+
+def loopback_only() -> None:
+    """Make a local Ray instance bind its GCS, raylet, object manager, workers, agents and
+    metrics endpoints to 127.0.0.1 instead of every interface: with
+    ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` Ray takes the loopback address as the node IP (its
+    no-cluster mode), and its servers bind to the node IP. Only for a local instance — a cluster
+    node must be reachable from the others (``cluster/README.md`` lists the ports)."""
+    import sys
+
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    constants = sys.modules.get("ray._private.ray_constants")
+    if constants is not None:  # Ray was imported before: its module-level flag was read already
+        constants.ENABLE_RAY_CLUSTER = False
+
+
+def exit_on_sigterm() -> None:
+    """Turn SIGTERM (a scheduler stopping the job, ``ray job stop``) into ``SystemExit(143)`` in
+    the main thread, so that cleanup runs: the MLflow run is marked FAILED, scratch space is
+    removed, a local Ray instance is shut down (Ray's exit hook). SIGINT already raises
+    KeyboardInterrupt."""
+    import signal
+
+    def handler(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def clean_stale_scratch(scratch_root: Path) -> None:
+    """Remove the scratch directories (``{experiment}/.scratch/<id>``) of runs that are gone: their
+    owner process (same host) no longer exists, or they are over a week old."""
+    import json
+    import shutil
+    import socket
+    import time
+
+    if not scratch_root.is_dir():
+        return
+    for d in scratch_root.iterdir():
+        try:
+            owner = json.loads((d / "owner.json").read_text())
+            alive = owner["host"] != socket.gethostname() or _pid_alive(owner["pid"])
+        except (OSError, ValueError, KeyError):
+            alive = False
+        if not alive or time.time() - d.stat().st_mtime > 7 * 86400:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def claim_scratch(scratch: Path) -> Path:
+    """Create this run's scratch directory, owned by this process."""
+    import json
+    import socket
+
+    scratch.mkdir(parents=True, exist_ok=True)
+    (scratch / "owner.json").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+    return scratch
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -70,25 +70,38 @@ def commit_shard(target: StageDir, parts: dict[str, Path | None], meta: dict) ->
         (tmp / "counts.json").write_text(json.dumps(meta))
 
 
-def write_index(directory: Path, shard_dirs: list[Path], meta: dict) -> None:
-    """Write a stage index listing its shard directories into the stage's (uncommitted) directory."""
-    (directory / "index.json").write_text(json.dumps({"shards": [str(p) for p in shard_dirs], **meta}, indent=1))
+def write_index(directory: Path, shard_dirs: list[Path], root: Path, meta: dict) -> None:
+    """Write a stage index into the stage's (uncommitted) directory: its shard directories,
+    relative to the experiment directory ``root`` (a copied output tree stays self-contained)."""
+    shards = [Path(os.path.relpath(p, root)).as_posix() for p in shard_dirs]
+    (directory / "index.json").write_text(json.dumps({"shards": shards, **meta}, indent=1))
+
+
+def index_shards(index_dir: Path) -> list[Path]:
+    """The shard directories a committed stage index lists (``{exp}/{stage}/key=…/index.json``)."""
+    index_dir = Path(index_dir)
+    return [index_dir.parent.parent / p for p in json.loads((index_dir / "index.json").read_text())["shards"]]
+
+
+def index_dirs(index_dir: Path, sub: str) -> list[Path]:
+    """The ``sub`` directories (``features``, ``quarantine``, ``scores``) of a committed stage index."""
+    return [p / sub for p in index_shards(index_dir)]
 
 
 def previous_shard(latest: Path, shard: int) -> Path | None:
-    """The last committed directory of shard number ``shard`` under one EMBED config, if any."""
+    """The last committed, intact directory of shard number ``shard`` under one EMBED config, if any."""
     pointer = latest / f"shard={shard}.json"
     if not pointer.is_file():
         return None
-    path = Path(json.loads(pointer.read_text())["path"])
-    return path if (path / "_SUCCESS").is_file() and (path / "rows").is_dir() else None
+    path = Path(os.path.normpath(latest / json.loads(pointer.read_text())["path"]))
+    return path if StageDir(path.parent, path.name.removeprefix("key=")).committed() else None
 
 
 def set_previous_shard(latest: Path, shard: int, path: Path) -> None:
-    """Point shard number ``shard`` at its newest committed directory (written via rename)."""
+    """Point shard number ``shard`` at its newest committed directory (a relative path, written via rename)."""
     latest.mkdir(parents=True, exist_ok=True)
     tmp = latest / f".shard={shard}.json.tmp"
-    tmp.write_text(json.dumps({"path": str(path)}))
+    tmp.write_text(json.dumps({"path": os.path.relpath(path, latest)}))
     os.replace(tmp, latest / f"shard={shard}.json")
 
 
@@ -98,7 +111,3 @@ def committed_identities(shard_dir: Path) -> set[str]:
 
     return set(pq.read_table(shard_dir / "rows").column("identity").to_pylist())
 
-
-def index_dirs(index_path: Path, sub: str) -> list[Path]:
-    """The ``sub`` directories (``features``, ``quarantine``, ``scores``) of a committed stage index."""
-    return [Path(p) / sub for p in json.loads((Path(index_path) / "index.json").read_text())["shards"]]

@@ -70,7 +70,7 @@ def run_sweep(cfg: JobConfig, axes: list[tuple[str, str, list]], config_path: st
     params = [a[1] for a in axes]
     key = storage.content_key("sweep", 1, metrics=summary["stages"]["evaluate"], axes=[(a[0], a[1], a[2]) for a in axes])
     target = storage.stage_dir(cfg.output, cfg.experiment, "sweeps", key)
-    if not target.done:
+    if not target.committed():
         with target.writing() as tmp:
             storage.write_table(pa.Table.from_pandas(table, preserve_index=False), tmp, "sweep.parquet")
             (tmp / "sweep.md").write_text(sweep_markdown(table, params))

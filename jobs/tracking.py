@@ -29,14 +29,32 @@ def tracking_uri(configured: str | None, output: Path) -> str:
     return f"sqlite:///{output.resolve() / 'mlflow.db'}"
 
 
+#: query parameters that carry credentials (libpq, SQLAlchemy URLs, cloud signed URLs)
+SECRET_PARAMS = {"password", "passwd", "pwd", "secret", "token", "access_token", "sslpassword", "sig", "signature",
+                 "x-amz-signature", "x-amz-security-token", "x-goog-signature", "api_key", "apikey", "key"}
+
+
 def redact_uri(uri: str | None) -> str | None:
-    """``postgresql://user:secret@host/db`` → ``postgresql://user:***@host/db``: tracking URIs
-    are printed and written to last_run.json, passwords never are."""
+    """A URI with its secrets masked (``***``): the password of the user-info part, with or without
+    a user name (``postgresql://user:secret@h/db``, ``postgresql://:secret@h/db``), and the values of
+    credential query parameters (``?password=secret``). Tracking URIs are printed and written to
+    last_run.json and MLflow; passwords never are."""
     if not uri:
         return uri
-    import re
+    from urllib.parse import parse_qsl, urlencode, urlsplit
 
-    return re.sub(r"(://[^:/@]+):[^@/]+@", r"\1:***@", uri)
+    parts = urlsplit(uri)
+    out = uri
+    if "@" in parts.netloc:
+        userinfo, host = parts.netloc.rsplit("@", 1)
+        if ":" in userinfo:
+            out = out.replace(parts.netloc, userinfo.split(":", 1)[0] + ":***@" + host, 1)
+    if parts.query:
+        pairs = parse_qsl(parts.query, keep_blank_values=True)
+        if any(k.lower() in SECRET_PARAMS for k, _ in pairs):
+            query = urlencode([(k, "***" if k.lower() in SECRET_PARAMS else v) for k, v in pairs], safe="*/:")
+            out = out.replace("?" + parts.query, "?" + query, 1)
+    return out
 
 
 def git_sha() -> str:

@@ -20,6 +20,7 @@ class ModelSpec:
     state: object  # ray.ObjectRef to {param name: np.ndarray}, or the dict itself
     device: str = "auto"
     extras: tuple = ()
+    max_image_bytes: int = 64 * 2**20
 
 
 def model_state_arrays(model: ModelAdapter) -> dict[str, np.ndarray]:
@@ -57,3 +58,48 @@ def gpus_per_actor(requested: str | float) -> float:
             "set it to 0 or 'auto', or add GPU workers"
         )
     return float(requested)
+
+
+class StageStalled(RuntimeError):
+    """No unit of a stage's work finished within the configured stall timeout."""
+
+
+def cluster_cpus() -> int:
+    """CPUs of the Ray cluster (at least 1)."""
+    import ray
+
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
+def ordered_map(submit, items: list, window: int, stall_timeout_s: float | None, what: str, progress=None):
+    """Yield ``ray.get(submit(item))`` for every item, **in the items' order**, with at most
+    ``window`` submitted and not yet yielded (bounded driver memory; deterministic reductions
+    merge in this order whatever order the cluster finishes in).
+
+    Raises :class:`StageStalled` when none of the running units finishes for ``stall_timeout_s``
+    seconds (e.g. a cluster without the CPUs the tasks wait for), naming the cluster's resources.
+    ``progress(done, total)`` is called after each unit.
+    """
+    import ray
+
+    pending: dict[int, object] = {}
+    nxt = 0
+    for i in range(len(items)):
+        while nxt < len(items) and len(pending) < window:
+            pending[nxt] = submit(items[nxt])
+            nxt += 1
+        ref = pending.pop(i)
+        ready, _ = ray.wait([ref], timeout=stall_timeout_s)
+        if not ready:
+            for r in [ref, *pending.values()]:
+                try:
+                    ray.cancel(r)
+                except Exception:  # best effort: the job fails either way
+                    pass
+            raise StageStalled(
+                f"{what}: no progress for {stall_timeout_s:g} s ({i} of {len(items)} done); the cluster has "
+                f"{ray.cluster_resources()} and {ray.available_resources()} free — each unit needs 1 CPU "
+                "(runtime.stall_timeout_s sets the limit)")
+        yield ray.get(ref)
+        if progress is not None:
+            progress(i + 1, len(items))

@@ -158,3 +158,35 @@ class FitStats:
             raise ValueError("cannot merge partials with and without activation sketches")
         sketch = None if self.activations is None else self.activations.merge(other.activations)
         return FitStats(self.moments.merge(other.moments), sketch)
+
+
+#: a covariance whose eigenvalues span more than this ratio is treated as singular
+MAX_CONDITION = 1e8
+#: the ridge then added, relative to the mean eigenvalue (tr Σ / D)
+RIDGE = 1e-6
+
+
+def precision_matrix(cov: np.ndarray, what: str = "covariance") -> np.ndarray:
+    """Σ⁻¹ (D×D, float64) of a symmetric PSD covariance, stable when Σ is singular.
+
+    Well-conditioned Σ (λ_max/λ_min ≤ :data:`MAX_CONDITION`): the exact inverse. Otherwise — fewer
+    rows than dimensions, dead (always-zero) features — Σ + λI with λ = :data:`RIDGE`·tr(Σ)/D is
+    inverted and a ``RuntimeWarning`` says so: the pseudo-inverse of a singular Σ lets rounding
+    decide which near-zero eigenvalues are inverted (scores then differ by orders of magnitude
+    between two summation orders), while the ridge bounds the condition number at ~1/RIDGE.
+    """
+    import warnings
+
+    cov = np.asarray(cov, np.float64)
+    cov = (cov + cov.T) / 2
+    w, v = np.linalg.eigh(cov)
+    top = max(float(w[-1]), 0.0)
+    if top == 0.0:
+        raise ValueError(f"{what} is zero: every feature is constant")
+    if w[0] * MAX_CONDITION < top:
+        ridge = RIDGE * float(np.trace(cov)) / len(cov)
+        rank = int((w > top * len(cov) * np.finfo(np.float64).eps).sum())
+        warnings.warn(f"{what} is singular or ill-conditioned (rank {rank} of {len(cov)}, λ_min/λ_max = "
+                      f"{max(w[0], 0) / top:.1e}); adding a ridge {ridge:.3g}·I", RuntimeWarning, stacklevel=2)
+        w = np.maximum(w, 0.0) + ridge
+    return (v / w) @ v.T

@@ -116,6 +116,11 @@ class Stage:
         """The typed result of the committed directory ``path``."""
         raise NotImplementedError
 
+    def intact(self, ctx: Context, up: dict[str, Any], path: Path) -> bool:
+        """Whether what the committed directory refers to outside itself (e.g. shard directories)
+        is intact too; False discards the stage directory so that ``run`` repairs it."""
+        return True
+
     def target(self, ctx: Context, up: dict[str, Any]) -> StageDir:
         return StageDir(ctx.root / self.name, content_key(self.name, self.version, **self.key(ctx, up)))
 

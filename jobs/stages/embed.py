@@ -57,7 +57,8 @@ class EmbedStage(Stage):
         self._rows = rows.append_column("shard", pa.array(self._shard_no))
         self._identities = shards.row_identities(self._rows)
         extras_key = {n: {"params": p, "state": self._states[n][1]} for n, p in self._extras.items()}
-        self._config = {"model": ctx.model_hash, "preprocess": repr(ctx.model.preprocess), "extras": extras_key}
+        self._config = {"model": ctx.model_hash, "preprocess": repr(ctx.model.preprocess), "extras": extras_key,
+                        "max_image_bytes": cfg.data.max_image_bytes}
         self._keys = {s: storage.content_key("embed-shard", SHARD_VERSION, shard=h, **self._config)
                       for s, h in shards.shard_hashes(self._rows, self._shard_no, self._identities).items()}
         return {"shards": sorted(self._keys.values())}
@@ -68,7 +69,7 @@ class EmbedStage(Stage):
     def run(self, ctx: Context, up: dict, tmp: Path) -> None:
         cfg = ctx.cfg
         targets = {s: self._shard_dir(ctx, k) for s, k in self._keys.items()}
-        todo = {s: t for s, t in targets.items() if not t.done}
+        todo = {s: t for s, t in targets.items() if not t.committed()}
         # the last committed version of each shard under the same model and config: its unchanged rows
         # are copied, so adding images re-embeds only the new ones
         latest = ctx.root / self.name / "latest" / storage.content_key("embed-config", SHARD_VERSION, shards=cfg.embed.num_shards, **self._config)
@@ -91,7 +92,7 @@ class EmbedStage(Stage):
             self._embed_waves(ctx, todo, fresh, by_shard, reuse, latest)
         counts = self._counts(targets)
         counts.update(shards_total=len(targets), shards_recomputed=len(todo), images_embedded=n_fresh)
-        shards.write_index(tmp, [targets[s].path for s in sorted(targets)], {"counts": counts})
+        shards.write_index(tmp, [targets[s].path for s in sorted(targets)], ctx.root, {"counts": counts})
         self._run_counts = counts
 
     def _embed_waves(self, ctx: Context, todo: dict, fresh: np.ndarray, by_shard: dict, reuse: dict, latest: Path) -> None:
@@ -99,7 +100,8 @@ class EmbedStage(Stage):
         ray = init_ray()
         specs = tuple(ExtraSpec(n, p, None if self._states[n][0] is None else ray.put(self._states[n][0]))
                       for n, p in self._extras.items())
-        spec = ModelSpec(cfg.model.name, ctx.model.num_classes, ray.put(model_state_arrays(ctx.model)), cfg.model.device, specs)
+        spec = ModelSpec(cfg.model.name, ctx.model.num_classes, ray.put(model_state_arrays(ctx.model)), cfg.model.device, specs,
+                         cfg.data.max_image_bytes)
         num_gpus = gpus_per_actor(cfg.embed.num_gpus_per_actor)
         order = sorted(todo)
         # waves of shards, each committed when done: a crash loses at most one wave's work
@@ -120,9 +122,12 @@ class EmbedStage(Stage):
         per_shard = [json.loads((t.path / "counts.json").read_text()) for t in targets.values()]
         return {k: sum(c[k] for c in per_shard) for k in COUNTS}
 
+    def intact(self, ctx: Context, up: dict, path: Path) -> bool:
+        return all(self._shard_dir(ctx, k).committed() for k in self._keys.values())
+
     def load(self, ctx: Context, up: dict, path: Path) -> EmbedResult:
         index = json.loads((path / "index.json").read_text())
-        dirs = [Path(p) for p in index["shards"]]
+        dirs = shards.index_shards(path)
         # reused: nothing was recomputed this time
         counts = getattr(self, "_run_counts", None) or {**index["counts"], "shards_recomputed": 0, "images_embedded": 0}
         return EmbedResult(path, {d.name.removeprefix("key="): d / "features" for d in dirs}, [d / "quarantine" for d in dirs], counts)

@@ -1,8 +1,8 @@
 """FIT: reduce the ID training features to fitted state (``fit/key=…/``).
 
-What the configured detectors need (class sums and counts, Σhhᵀ, an activation sketch) flows
-through Ray Data as one partial per batch and is merged on the driver — never through
-actor-local state, which a retry would double-count. Detectors that need the feature bank
+What the configured detectors need (class sums and counts, Σhhᵀ, an activation sketch) is
+reduced in Ray tasks, one partial per features file, and merged on the driver in file order
+(deterministic) — never through actor-local state, which a retry would double-count. Detectors that need the feature bank
 itself (KNN) get the ID-train features. Writes ``head.npz`` (W, b), ``class_means.npy``,
 ``contribution.npy`` (LINE's C, D×C) and one ``detectors/<column>.safetensors`` per detector
 (the estimator's own state file, no pickle). Keyed by the ID-train rows, the model and the
@@ -15,14 +15,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from jobs import storage
 from jobs.config import JobConfig
 from jobs.runtime import init_ray
 from jobs.stages.base import Context, Stage, StageResult, rows_hash, rows_of
 from jobs.storage import vector_to_numpy
+from jobs.workers import cluster_cpus, ordered_map
 from oodlib.contribution import contribution_matrix
 from oodlib.detectors import Detector, Head
 from oodlib.stats import ActivationSketch, ClassMoments, FitStats
@@ -47,9 +48,9 @@ class FitStage(Stage):
 
     def run(self, ctx: Context, up: dict, tmp: Path) -> None:
         init_ray()
-        detectors, model, dirs = ctx.build_detectors(), ctx.model, up["embed"].feature_dirs
+        detectors, dirs = ctx.build_detectors(), up["embed"].feature_dirs
         id_dataset = ctx.cfg.data.id_dataset
-        stats = train_stats(dirs, id_dataset, model.num_classes, model.feature_dim, needs(detectors))
+        stats = train_stats(ctx, dirs, needs(detectors))
 
         def load_train() -> tuple[np.ndarray, np.ndarray]:
             train = (pc.field("dataset") == id_dataset) & (pc.field("split") == "train")
@@ -69,42 +70,43 @@ def needs(detectors: dict[str, Detector]) -> set[str]:
     return {n for det in detectors.values() for n in det.fit_needs}
 
 
-def batch_partial(batch: pa.Table, num_classes: int, second: bool, activations: bool) -> pa.Table:
-    """One row holding the partial statistics of a features batch (arrays flattened)."""
-    s = FitStats.from_batch(vector_to_numpy(batch.column("features")), batch.column("label").to_numpy(), num_classes, second, activations)
-    row = {"counts": [s.moments.counts], "sums": [s.moments.sums.ravel()]}
-    if second:
-        row["outer"] = [s.moments.outer.ravel()]
-    if activations:
-        row["sketch_bins"] = [s.activations.bins]
-        row["sketch_counts"] = [s.activations.counts]
-    return pa.table(row)
-
-
-def merge_partials(rows: list[dict], num_classes: int, dim: int) -> FitStats:
-    """Merge the partial rows emitted by :func:`batch_partial`."""
-    if not rows:
-        raise ValueError("no ID training rows to fit on")
-    total = None
-    for r in rows:
-        outer = np.asarray(r["outer"]).reshape(dim, dim) if "outer" in r else None
-        moments = ClassMoments(np.asarray(r["counts"]), np.asarray(r["sums"]).reshape(num_classes, dim), outer)
-        sketch = ActivationSketch(np.asarray(r["sketch_bins"], np.uint32), np.asarray(r["sketch_counts"], np.int64)) if "sketch_bins" in r else None
-        part = FitStats(moments, sketch)
-        total = part if total is None else total.merge(part)
+def file_partial(path: str, num_classes: int, dim: int, second: bool, activations: bool, chunk: int = 4096) -> FitStats:
+    """FitStats of the ID-train rows of one features file, summed chunk by chunk in row order."""
+    table = pq.read_table(path, columns=["features", "label", "split"])
+    table = table.filter(pc.equal(table.column("split"), "train"))
+    total = FitStats(ClassMoments(np.zeros(num_classes, np.int64), np.zeros((num_classes, dim)), np.zeros((dim, dim)) if second else None),
+                     ActivationSketch(np.zeros(0, np.uint32), np.zeros(0, np.int64)) if activations else None)
+    for start in range(0, table.num_rows, chunk):
+        part = table.slice(start, chunk)
+        total = total.merge(FitStats.from_batch(vector_to_numpy(part.column("features")), part.column("label").to_numpy(),
+                                                num_classes, second, activations))
     return total
 
 
-def train_stats(features: list[Path], id_dataset: str, num_classes: int, dim: int, needed: set[str]) -> FitStats:
-    """FitStats of the ID-train rows of the feature shard directories, reduced through Ray Data."""
-    import ray
-    from ray.data.expressions import col
+def train_files(feature_dirs: list[Path], id_dataset: str) -> list[str]:
+    """The features files holding ID rows, in a fixed order (shard by shard, then by name)."""
+    return [str(p) for d in feature_dirs for p in sorted((Path(d) / f"dataset={id_dataset}").glob("*.parquet"))]
 
-    ds = ray.data.read_parquet([str(p) for p in features], columns=["features", "label", "split", "dataset"])
-    ds = ds.filter(expr=(col("dataset") == id_dataset) & (col("split") == "train"))
-    kwargs = {"num_classes": num_classes, "second": "second" in needed, "activations": "activations" in needed}
-    parts = ds.map_batches(batch_partial, fn_kwargs=kwargs, batch_format="pyarrow", batch_size=4096).take_all()
-    return merge_partials(parts, num_classes, dim)
+
+def train_stats(ctx: Context, feature_dirs: list[Path], needed: set[str]) -> FitStats:
+    """FitStats of the ID-train rows: one Ray task per features file (reads inside the task), the
+    partials merged on the driver **in file order** — float sums do not depend on which task
+    finishes first, so the same rows give the same bytes."""
+    import ray
+
+    files = train_files(feature_dirs, ctx.cfg.data.id_dataset)
+    if not files:
+        raise ValueError(f"no features of the ID dataset {ctx.cfg.data.id_dataset!r} to fit on")
+    model = ctx.model
+    task = ray.remote(num_cpus=1)(file_partial)
+    args = (model.num_classes, model.feature_dim, "second" in needed, "activations" in needed)
+    total = None
+    for part in ordered_map(lambda f: task.remote(f, *args), files, 2 * cluster_cpus(), ctx.cfg.runtime.stall_timeout_s,
+                            "FIT (partial sums per features file)"):
+        total = part if total is None else total.merge(part)
+    if total.moments.counts.sum() == 0:
+        raise ValueError(f"no ID training rows of {ctx.cfg.data.id_dataset!r} to fit on")
+    return total
 
 
 def fit_detectors(

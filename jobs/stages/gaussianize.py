@@ -37,7 +37,8 @@ class GaussianizeStage(Stage):
 
     def run(self, ctx: Context, up: dict, tmp: Path) -> None:
         g, rows = ctx.cfg.graph, self._rows
-        x, reasons = decode_batch(rows.column("image").to_pylist(), rows.column("path").to_pylist(), ctx.model.preprocess)
+        x, reasons = decode_batch(rows.column("image").to_pylist(), rows.column("path").to_pylist(), ctx.model.preprocess,
+                                  ctx.cfg.data.max_image_bytes)
         labels = labels_of(rows)[[r is None for r in reasons]]
         data = x if g.bn_finetune_epochs == 0 else [(x, labels)]
         save_bn_state(gaussianize(ctx.model, data, epochs=g.bn_finetune_epochs, seed=g.seed, device="cpu"), tmp / "bn.safetensors")

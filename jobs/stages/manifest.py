@@ -124,22 +124,30 @@ def as_val_split(table: pa.Table) -> pa.Table:
 
 
 def select_rows(manifest: pa.Table, cfg: JobConfig, num_classes: int) -> tuple[pa.Table, pa.Table]:
-    """Rows of the configured datasets (every split), at most ``limit_per_split`` per (dataset, split)
-    (:func:`~oodlib.data.manifest.spread_sample`: every subset and class, evenly spaced in manifest order),
-    split into usable rows and quarantined ones (duplicate ids, bad labels … with the reason).
+    """The job's rows, split into usable rows and quarantined ones (with the reason).
+
+    A user manifest is the job's input as a whole: its rows of datasets the config does not name
+    (a misspelt "Digits", a null dataset) are quarantined, not dropped. A built manifest (digits,
+    folders) holds only the sets it was built from; the ones not needed are left out. At most
+    ``limit_per_split`` rows per (dataset, split) are kept (:func:`~oodlib.data.manifest.spread_sample`:
+    every subset and class, evenly spaced in manifest order).
 
     Raises :class:`ConfigError` naming the config field when a dataset is not in the manifest.
     """
-    present = set(manifest.column("dataset").to_pylist())
+    present = set(d for d in manifest.column("dataset").to_pylist() if d)
     wanted = wanted_datasets(cfg)
     for fname, names in wanted.items():
         missing = [n for n in names if n not in present]
         if missing:
-            raise ConfigError(f"{fname}: dataset(s) {missing} not in the manifest (has {sorted(present, key=str)})")
-    table = rows_of(manifest, list(dict.fromkeys(n for names in wanted.values() for n in names)))
+            raise ConfigError(f"{fname}: dataset(s) {missing} not in the manifest (has {sorted(present)})")
+    datasets = list(dict.fromkeys(n for names in wanted.values() for n in names))
+    table = manifest if cfg.data.source == "manifest" else rows_of(manifest, datasets)
     if cfg.data.limit_per_split:
-        table = table.filter(pa.array(limited(table, cfg.data.limit_per_split)))
-    reasons = row_problems(table, num_classes)
+        in_job = pc.fill_null(pc.is_in(table.column("dataset"), pa.array(datasets, pa.string())), False).to_numpy(zero_copy_only=False)
+        keep = ~in_job  # rows outside the job's datasets are quarantined below, never sampled away
+        keep[in_job] = limited(table.filter(pa.array(in_job)), cfg.data.limit_per_split)
+        table = table.filter(pa.array(keep))
+    reasons = row_problems(table, num_classes, datasets)
     bad = pa.array([r is not None for r in reasons])
     quarantined = table.filter(bad).select(["image_id", "dataset", "split"])
     quarantined = quarantined.append_column("stage", pa.array(["manifest"] * quarantined.num_rows, pa.string()))

@@ -55,7 +55,8 @@ class MutantsStage(Stage):
         is_id = np.asarray(val.column("dataset").to_pylist()) == ctx.cfg.data.id_dataset
         if not is_id.any():
             raise ConfigError(f"errors: mutants are accepted on the validation split of {ctx.cfg.data.id_dataset!r}, which has no rows")
-        x, reasons = decode_batch(val.column("image").to_pylist(), val.column("path").to_pylist(), model.preprocess)
+        x, reasons = decode_batch(val.column("image").to_pylist(), val.column("path").to_pylist(), model.preprocess,
+                                  ctx.cfg.data.max_image_bytes)
         ok = np.array([r is None for r in reasons])
         y, is_id = labels_of(val)[ok], is_id[ok]
         m = e.mutants

@@ -1,19 +1,19 @@
 """SCORE: every detector as a column of the ``scores`` table, computed from stored features.
 
-Cheap and CPU-only: a Ray Data map over the features table with the fitted detectors shipped
-once through the object store. Columns: ``image_id, dataset, split, label, subset, pred`` and one
+Cheap and CPU-only: a pool of actors (one per CPU, the fitted detectors rebuilt once per actor
+from their arrays in the object store), each reading, scoring and writing whole shards. Columns: ``image_id, dataset, split, label, subset, pred`` and one
 float32 ``score_<key>`` per configured detector. Sharded like EMBED: a shard is keyed by the FIT
 key and its EMBED shard, so new images score only their shards (``score/shards/key=…``); the
 stage directory (``score/key=…/index.json``) lists them.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from jobs import shards, storage
 from jobs.config import JobConfig
@@ -21,6 +21,7 @@ from jobs.runtime import init_ray
 from jobs.shards import commit_shard
 from jobs.stages.base import Context, Stage, StageResult
 from jobs.storage import StageDir, parquet_rows, vector_to_numpy
+from jobs.workers import cluster_cpus, fetch, ordered_map
 from oodlib.detectors import Detector, ScoreInputs
 
 SHARD_VERSION = 2
@@ -47,52 +48,56 @@ def _column_numpy(column: pa.ChunkedArray) -> np.ndarray:
     return column.to_numpy()
 
 
-def source_shard(paths: pa.ChunkedArray) -> pa.Array:
-    """The embed shard key of each row, from its file path (``…/key=<shard key>/features/…``)."""
-    return pa.array([p.split("/key=", 1)[1].split("/", 1)[0] for p in paths.to_pylist()], pa.string())
+def detector_specs(detectors: dict[str, Detector]) -> dict[str, tuple[str, dict, dict]]:
+    """{column: (registry name, hyperparameters, fitted arrays)}: what a worker rebuilds the fitted
+    detectors from (arrays travel zero-copy through the object store; derived caches such as a
+    faiss index are rebuilt once per worker)."""
+    return {key: (det.name, det.params(), det.state_dict()) for key, det in detectors.items()}
 
 
-class ScoreMapper:
-    """Ray Data callable class holding the fitted detectors (fetched once per actor)."""
+class ScoreWorker:
+    """A Ray actor holding the fitted detectors; it reads, scores and writes whole shards itself,
+    so SCORE needs no read tasks besides it (one free CPU is enough)."""
 
-    def __init__(self, detectors_ref) -> None:
-        import ray
+    def __init__(self, specs_ref) -> None:
+        from oodlib.detectors import DETECTORS
 
-        self.detectors = ray.get(detectors_ref)
+        specs = fetch(specs_ref)
+        self.detectors = {k: DETECTORS[name](**params).load_state_dict(state) for k, (name, params, state) in specs.items()}
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        scored = score_batch(batch, self.detectors)
-        return scored.append_column("source_shard", source_shard(batch.column("path")))
+    def score_shard(self, features_dir: str, out_dir: str, batch_size: int = 4096) -> int:
+        """Score one shard's features into ``out_dir`` (partitioned by dataset); returns its rows."""
+        if storage.committed_rows(Path(features_dir)) == 0:  # every image of the shard was quarantined
+            return 0
+        table = storage.read_table(Path(features_dir))
+        parts = [score_batch(table.slice(i, batch_size), self.detectors) for i in range(0, table.num_rows, batch_size)]
+        scored = pa.concat_tables(parts) if parts else None
+        if scored is not None:
+            pq.write_to_dataset(scored, out_dir, partition_cols=["dataset"], basename_template="part-{i}.parquet")
+        return table.num_rows
 
 
-def run_score(
-    features: dict[str, Path], targets: dict[str, StageDir], detectors: dict[str, Detector], scratch: Path,
-    batch_size: int = 4096,
-) -> dict[str, int]:
-    """Score the feature shards ``features`` ({embed shard key: features dir}) and commit each
-    shard's ``scores/`` (partitioned by dataset) to ``targets[embed shard key]``. Returns rows per shard."""
+def run_score(ctx: Context, features: dict[str, Path], targets: dict[str, StageDir], detectors: dict[str, Detector]) -> None:
+    """Score the feature shards ``features`` ({embed shard key: features dir}) with a pool of
+    :class:`ScoreWorker` actors and commit each shard's ``scores/`` to ``targets[key]``, in shard
+    order. A shard whose scored rows differ from its feature rows is not committed."""
     import ray
-    from ray.data import ActorPoolStrategy
 
-    ds = ray.data.read_parquet([str(p) for p in features.values()], include_paths=True)
-    out = ds.map_batches(
-        ScoreMapper,
-        fn_constructor_kwargs={"detectors_ref": ray.put(detectors)},
-        batch_size=batch_size,
-        batch_format="pyarrow",
-        compute=ActorPoolStrategy(min_size=1, max_size=2),
-        num_cpus=1,
-    )
-    out.write_parquet(str(scratch / "scores"), partition_cols=["source_shard", "dataset"])
-    rows = {}
-    for key, target in targets.items():
-        part = scratch / "scores" / f"source_shard={key}"
-        rows[key] = parquet_rows(part)
-        expected = parquet_rows(features[key])
-        if rows[key] != expected:
-            raise RuntimeError(f"SCORE shard {key}: {rows[key]} rows scored for {expected} feature rows")
-        commit_shard(target, {"scores": part}, {"rows": rows[key]})
-    return rows
+    keys = sorted(features)
+    n = min(len(keys), cluster_cpus())
+    specs = ray.put(detector_specs(detectors))
+    workers = [ray.remote(num_cpus=1)(ScoreWorker).remote(specs) for _ in range(n)]
+    out = {k: ctx.scratch / "score" / k for k in keys}
+    try:
+        submit = lambda k: workers[keys.index(k) % n].score_shard.remote(str(features[k]), str(out[k]))  # noqa: E731
+        for key, rows in zip(keys, ordered_map(submit, keys, 2 * n, ctx.cfg.runtime.stall_timeout_s, "SCORE (one shard per unit)")):
+            expected = storage.committed_rows(features[key])
+            if rows != expected or parquet_rows(out[key]) != expected:
+                raise RuntimeError(f"SCORE shard {key}: {parquet_rows(out[key])} rows scored for {expected} feature rows")
+            commit_shard(targets[key], {"scores": out[key]}, {"rows": rows})
+    finally:
+        for w in workers:
+            ray.kill(w)
 
 
 @dataclass
@@ -122,16 +127,15 @@ class ScoreStage(Stage):
     def run(self, ctx: Context, up: dict, tmp: Path) -> None:
         features = up["embed"].features
         targets = {e: StageDir(ctx.root / self.name / "shards", k) for e, k in self._keys.items()}
-        todo = {e: t for e, t in targets.items() if not t.done}
+        todo = {e: t for e, t in targets.items() if not t.committed()}
         print(f"[score] recomputing {len(todo)} of {len(targets)} shards", flush=True)
         if todo:
             init_ray()
-            with_rows = {e: features[e] for e in todo if parquet_rows(features[e])}
-            if with_rows:
-                run_score(with_rows, {e: todo[e] for e in with_rows}, up["fit"].detectors, ctx.scratch / "score")
-            for e in set(todo) - set(with_rows):  # every image of the shard was quarantined
-                commit_shard(todo[e], {"scores": None}, {"rows": 0})
-        shards.write_index(tmp, [targets[e].path for e in sorted(targets)], {})
+            run_score(ctx, {e: features[e] for e in todo}, todo, up["fit"].detectors)
+        shards.write_index(tmp, [targets[e].path for e in sorted(targets)], ctx.root, {})
+
+    def intact(self, ctx: Context, up: dict, path: Path) -> bool:
+        return all(StageDir(ctx.root / self.name / "shards", k).committed() for k in self._keys.values())
 
     def load(self, ctx: Context, up: dict, path: Path) -> ScoreResult:
-        return ScoreResult(path, [Path(p) / "scores" for p in json.loads((path / "index.json").read_text())["shards"]])
+        return ScoreResult(path, shards.index_dirs(path, "scores"))

@@ -6,8 +6,8 @@ can quarantine it, and the batch goes on.
 from __future__ import annotations
 
 import io
+import os
 import warnings
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -17,21 +17,31 @@ from oodlib.data.preprocess import Preprocess
 
 #: Larger images are refused as decompression bombs (PIL warns at 89 Mpx, errors at twice that).
 MAX_PIXELS = 64_000_000
+#: Larger encoded images are refused before they are read whole (the job's ``data.max_image_bytes``).
+MAX_BYTES = 64 * 2**20
 
 
 class DecodeError(ValueError):
     """An image that cannot be decoded; the message is the quarantine reason."""
 
 
-def load_pil(data: bytes | None, path: str | None) -> Image.Image:
-    """Open and fully decode one image from bytes or a path; raise :class:`DecodeError`."""
+def load_pil(data: bytes | None, path: str | None, max_bytes: int = MAX_BYTES) -> Image.Image:
+    """Open and fully decode one image from bytes or a path; raise :class:`DecodeError`.
+
+    A file over ``max_bytes`` is refused from its size, before it is read."""
     if data is None:
         if not path:
             raise DecodeError("no image bytes and no path")
         try:
-            data = Path(path).read_bytes()
+            with open(path, "rb") as fh:
+                size = os.fstat(fh.fileno()).st_size
+                if size > max_bytes:
+                    raise DecodeError(f"file of {size} bytes is over the {max_bytes}-byte cap (data.max_image_bytes)")
+                data = fh.read()
         except OSError as exc:
             raise DecodeError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    if len(data) > max_bytes:
+        raise DecodeError(f"{len(data)} image bytes are over the {max_bytes}-byte cap (data.max_image_bytes)")
     if len(data) == 0:
         raise DecodeError("zero-length image bytes")
     try:
@@ -100,7 +110,7 @@ def normalize(pixels: np.ndarray, pre: Preprocess) -> np.ndarray:
 
 
 def decode_batch(
-    images: list[bytes | None], paths: list[str | None], pre: Preprocess
+    images: list[bytes | None], paths: list[str | None], pre: Preprocess, max_bytes: int = MAX_BYTES,
 ) -> tuple[torch.Tensor, list[str | None]]:
     """Decode a batch.
 
@@ -110,7 +120,7 @@ def decode_batch(
     arrays, reasons = [], []
     for data, path in zip(images, paths):
         try:
-            arr = preprocess_pil(load_pil(data, path), pre)
+            arr = preprocess_pil(load_pil(data, path, max_bytes), pre)
             if not np.isfinite(arr).all():
                 raise DecodeError("non-finite pixel values after preprocessing")
         except DecodeError as exc:

@@ -236,22 +236,28 @@ def validate_manifest(table: pa.Table, source: str = "manifest") -> None:
         raise ManifestError(f"{source}: image {no_image[0]!r} has neither a path nor image bytes")
 
 
-def row_problems(table: pa.Table, num_classes: int | None = None) -> list[str | None]:
+def row_problems(table: pa.Table, num_classes: int | None = None, datasets: list[str] | None = None) -> list[str | None]:
     """Per row: why it cannot be used (the quarantine reason), or None.
 
-    Problems: empty ``image_id``, a repeated ``image_id`` (the first occurrence is kept), a split
-    outside train/val/test, no path and no bytes, a label < −1 or ≥ ``num_classes``.
+    Problems: empty ``image_id``, a null or empty ``dataset`` (or, with ``datasets``, one not in
+    that list), a repeated ``image_id`` (the first occurrence is kept), a split outside
+    train/val/test, no path and no bytes, a label < −1 or ≥ ``num_classes``.
     """
     seen: set[str] = set()
     reasons: list[str | None] = []
+    known = None if datasets is None else set(datasets)
     cols = zip(
-        table.column("image_id").to_pylist(), table.column("split").to_pylist(), table.column("label").to_pylist(),
-        table.column("path").to_pylist(), table.column("image").is_null().to_pylist(),
+        table.column("image_id").to_pylist(), table.column("dataset").to_pylist(), table.column("split").to_pylist(),
+        table.column("label").to_pylist(), table.column("path").to_pylist(), table.column("image").is_null().to_pylist(),
     )
-    for image_id, split, label, path, no_bytes in cols:
+    for image_id, dataset, split, label, path, no_bytes in cols:
         reason = None
         if not image_id:
             reason = "empty image_id"
+        elif not dataset:
+            reason = "dataset is null or empty"
+        elif known is not None and dataset not in known:
+            reason = f"dataset {dataset!r} is not configured (this job's datasets: {', '.join(sorted(known))})"
         elif image_id in seen:
             reason = f"duplicate image_id {image_id!r} (first occurrence kept)"
         elif split not in SPLITS:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from oodlib.detectors.base import Detector, Head, ScoreInputs
-from oodlib.stats import FitStats
+from oodlib.stats import FitStats, precision_matrix
 
 
 def min_mahalanobis(h: np.ndarray, means: np.ndarray, precision: np.ndarray) -> np.ndarray:
@@ -22,7 +22,9 @@ def min_mahalanobis(h: np.ndarray, means: np.ndarray, precision: np.ndarray) -> 
 class Mahalanobis(Detector):
     """Score = −minₖ (h−μₖ)ᵀ Σ⁻¹ (h−μₖ) on penultimate features; Σ = tied covariance (1/N).
 
-    Σ⁻¹ is the pseudo-inverse (``np.linalg.pinv``, hermitian), so rank-deficient features work.
+    Σ⁻¹ is :func:`oodlib.stats.precision_matrix`: the exact inverse of a well-conditioned Σ; a
+    singular one (fewer training rows than dimensions, dead features) gets a small ridge, with a
+    warning, so that the scores do not depend on rounding.
     """
 
     name = "mahalanobis"
@@ -31,7 +33,7 @@ class Mahalanobis(Detector):
 
     def fit_stats(self, stats: FitStats, head: Head) -> "Mahalanobis":
         self.means_ = stats.moments.means
-        self.precision_ = np.linalg.pinv(stats.moments.tied_covariance(), hermitian=True)
+        self.precision_ = precision_matrix(stats.moments.tied_covariance(), "Mahalanobis: the tied covariance")
         return self
 
     def _score(self, inputs: ScoreInputs) -> np.ndarray:

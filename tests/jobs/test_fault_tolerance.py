@@ -126,7 +126,7 @@ def test_actor_failure_fails_stage_without_committing(tmp_path):
         target = storage.StageDir(tmp_path / "embed", "k")
         with pytest.raises(Exception, match="size mismatch"):
             run_embed(rows, {0: target}, spec, 64, 1, 0.0, 1.0, tmp_path / "scratch")
-        assert not target.done
+        assert not target.committed()
         assert not (tmp_path / "embed").exists() or not any((tmp_path / "embed").iterdir())  # no half-written result
     finally:
         ray.shutdown()

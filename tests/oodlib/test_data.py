@@ -155,6 +155,17 @@ def test_decompression_bomb_refused():
         load_pil(bomb, None)
 
 
+def test_oversized_file_refused_before_it_is_read(tmp_path):
+    big = tmp_path / "big.bin"
+    with open(big, "wb") as fh:  # a sparse 1 GiB file, refused from its size (the message says so)
+        fh.truncate(2**30)
+    x, reasons = decode_batch([None, _bytes(Image.new("L", (8, 8)))], [str(big), None], IMAGENET_PREPROCESS, max_bytes=1000)
+    assert len(x) == 1 and reasons[1] is None
+    assert reasons[0] == f"file of {2**30} bytes is over the 1000-byte cap (data.max_image_bytes)"
+    with pytest.raises(DecodeError, match="over the 10-byte cap"):
+        load_pil(b"x" * 11, None, max_bytes=10)
+
+
 def test_imagenet_resize_and_center_crop():
     arr = np.zeros((300, 400, 3), np.uint8)
     arr[:, 200:] = 255  # right half white
