@@ -65,7 +65,9 @@ class FlatIP:
     ``IndexFlatIP``: query tiles × the whole base through one torch GEMM each, into faiss heaps."""
 
     def __init__(self, xb: np.ndarray, block: int = 4096):
-        self.xb = torch.from_numpy(np.ascontiguousarray(xb, np.float32))
+        xb = np.ascontiguousarray(xb, np.float32)
+        # a read-only base (e.g. mapped from Ray's object store) is copied once: torch wants writable memory
+        self.xb = torch.from_numpy(xb if xb.flags.writeable else xb.copy())
         self.ntotal, self.block = len(xb), block
 
     def search(self, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -21,7 +21,7 @@ from jobs.embed_pass import run_embed
 from jobs.extras import EXTRAS, ExtraSpec, upstream_stages, wanted_extras
 from jobs.runtime import init_ray
 from jobs.stages.base import Context, Stage, StageResult
-from jobs.workers import ModelSpec, gpus_per_actor, model_state_arrays
+from jobs.workers import ModelSpec, StageStalled, gpus_per_actor, model_state_arrays
 
 SHARD_VERSION = 1
 COUNTS = ("input", "features", "quarantined")
@@ -103,16 +103,22 @@ class EmbedStage(Stage):
         spec = ModelSpec(cfg.model.name, ctx.model.num_classes, ray.put(model_state_arrays(ctx.model)), cfg.model.device, specs,
                          cfg.data.max_image_bytes)
         num_gpus = gpus_per_actor(cfg.embed.num_gpus_per_actor)
+        if cfg.runtime.stall_timeout_s:  # an actor pool the cluster cannot place fails instead of waiting forever
+            ray.data.DataContext.get_current().wait_for_min_actors_s = int(cfg.runtime.stall_timeout_s)
         order = sorted(todo)
         # waves of shards, each committed when done: a crash loses at most one wave's work
         for w in range(0, len(order), cfg.embed.shards_per_wave):
             wave = order[w : w + cfg.embed.shards_per_wave]
             mask = np.isin(self._shard_no, wave) & fresh
-            run_embed(
-                self._rows.filter(pa.array(mask)), {s: todo[s] for s in wave}, spec, cfg.embed.batch_size, cfg.embed.num_actors,
-                num_gpus, cfg.embed.cpus_per_actor, ctx.scratch / f"embed-{w}",
-                identities={s: [self._identities[i] for i in by_shard[s]] for s in wave}, reuse={s: reuse[s] for s in wave if s in reuse},
-            )
+            try:
+                run_embed(
+                    self._rows.filter(pa.array(mask)), {s: todo[s] for s in wave}, spec, cfg.embed.batch_size, cfg.embed.num_actors,
+                    num_gpus, cfg.embed.cpus_per_actor, ctx.scratch / f"embed-{w}",
+                    identities={s: [self._identities[i] for i in by_shard[s]] for s in wave}, reuse={s: reuse[s] for s in wave if s in reuse},
+                )
+            except ray.exceptions.GetTimeoutError as exc:
+                raise StageStalled(f"EMBED: {exc} — an actor needs {cfg.embed.cpus_per_actor:g} CPU and {num_gpus:g} GPU; the "
+                                   f"cluster has {ray.cluster_resources()} (runtime.stall_timeout_s sets the wait)") from None
             for s in wave:
                 shards.set_previous_shard(latest, s, todo[s].path)
             print(f"[embed] committed {min(w + len(wave), len(order))} of {len(order)} shards", flush=True)

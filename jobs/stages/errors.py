@@ -64,7 +64,7 @@ class ErrorsResult(StageResult):
 
 class ErrorsStage(Stage):
     name = "errors"
-    version = 2
+    version = 3
 
     def enabled(self, cfg: JobConfig) -> bool:
         return cfg.errors.enabled
@@ -134,6 +134,7 @@ def read_error_rows(feature_dirs: list[Path], datasets: list[str]) -> tuple[pd.D
     if "lcr_flips" in pq.read_schema(first).names:
         cols.append("lcr_flips")
     table = storage.read_table(feature_dirs, cols, filter=pc.field("dataset").isin(datasets))
+    table = table.sort_by("image_id")  # one order whatever the shard layout: the detectors' training depends on it
     vectors = {c: storage.vector_to_numpy(table.column(c)) for c in ("conductance", "lcr_flips") if c in table.column_names}
     df = table.drop_columns(list(vectors)).to_pandas()
     df["dataset"] = df["dataset"].astype(str)

@@ -36,7 +36,7 @@ class FitResult(StageResult):
 
 class FitStage(Stage):
     name = "fit"
-    version = 3
+    version = 4
 
     def needs(self, cfg: JobConfig) -> tuple[str, ...]:
         return ("manifest", "embed")
@@ -51,6 +51,10 @@ class FitStage(Stage):
         detectors, dirs = ctx.build_detectors(), up["embed"].feature_dirs
         id_dataset = ctx.cfg.data.id_dataset
         stats = train_stats(ctx, dirs, needs(detectors))
+        expected = id_train_rows(ctx, up)
+        if stats.moments.counts.sum() != expected:
+            raise storage.DamagedError(f"FIT read {stats.moments.counts.sum()} ID-train feature rows; the manifest has "
+                                       f"{expected} usable ones that EMBED did not quarantine")
 
         def load_train() -> tuple[np.ndarray, np.ndarray]:
             train = (pc.field("dataset") == id_dataset) & (pc.field("split") == "train")
@@ -63,6 +67,17 @@ class FitStage(Stage):
     def load(self, ctx: Context, up: dict, path: Path) -> FitResult:
         detectors = {key: type(det).load(path / "detectors" / f"{key}.safetensors") for key, det in ctx.build_detectors().items()}
         return FitResult(path, detectors)
+
+
+def id_train_rows(ctx: Context, up: dict) -> int:
+    """ID-train rows FIT must see: the manifest's usable ones minus those EMBED quarantined."""
+    id_dataset = ctx.cfg.data.id_dataset
+    rows = rows_of(up["manifest"].rows, id_dataset, "train").num_rows
+    quarantine = [d for d in up["embed"].quarantine if storage.committed_rows(d)]
+    if quarantine:
+        q = storage.read_table(quarantine, ["dataset", "split"])
+        rows -= int(pc.sum(pc.and_(pc.equal(q.column("dataset"), id_dataset), pc.equal(q.column("split"), "train"))).as_py() or 0)
+    return rows
 
 
 def needs(detectors: dict[str, Detector]) -> set[str]:

@@ -40,7 +40,7 @@ class GraphResult(StageResult):
 
 class GraphStage(Stage):
     name = "graph"
-    version = 2
+    version = 3
 
     def enabled(self, cfg: JobConfig) -> bool:
         return cfg.graph.enabled
@@ -63,6 +63,7 @@ class GraphStage(Stage):
 def read_graph_rows(feature_dirs: list[Path], datasets: list[str]) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
     """(rows, {"features": N×D, "gfeatures": N×D}) of ``datasets``."""
     table = storage.read_table(feature_dirs, COLUMNS, filter=pc.field("dataset").isin(datasets))
+    table = table.sort_by("image_id")  # one order whatever the shard layout: the graph and its training depend on it
     df = table.drop_columns(["features", "gfeatures"]).to_pandas()
     df["dataset"] = df["dataset"].astype(str)
     return df, {c: storage.vector_to_numpy(table.column(c)) for c in ("features", "gfeatures")}

@@ -212,3 +212,14 @@ def test_copied_output_tree_is_self_contained(tmp_path, one_cpu_ray):
     again = pipeline.run(parse_config({**raw, "output": str(tmp_path / "copy")}))
     assert all(again["reused"].values()) and all(str(tmp_path / "copy") in p for p in again["stages"].values())
     assert storage.read_table(shards.index_dirs(Path(again["stages"]["score"]), "scores")).num_rows == first["images"]["features"]
+
+
+def test_embed_actor_the_cluster_cannot_place_fails_instead_of_hanging(tmp_path, one_cpu_ray):
+    from jobs.workers import StageStalled
+
+    raw = small(tmp_path)
+    raw["embed"]["cpus_per_actor"] = 2.0  # this cluster has one CPU
+    raw["runtime"]["stall_timeout_s"] = 5
+    with pytest.raises(StageStalled, match="EMBED.*an actor needs 2 CPU"):
+        pipeline.run(parse_config(raw))
+    assert not list((tmp_path / "out" / "r" / "embed").glob("key=*"))  # nothing that looks complete
