@@ -1,0 +1,30 @@
+"""What every config section shares: strict models, path fields, the error type."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class ConfigError(ValueError):
+    """An invalid job configuration; the message names the offending field."""
+
+
+def known_names(values: list[str], known, what: str) -> list[str]:
+    """``values`` if every one is in ``known``, else a ValueError listing the unknown ones."""
+    unknown = [v for v in values if v not in known]
+    if unknown:
+        raise ValueError(f"unknown {what}(s) {unknown}; known: {sorted(known)}")
+    return values
+
+
+class Strict(BaseModel):
+    """Unknown keys are errors, values are never coerced across types (``true`` is not the
+    integer 1, ``"8"`` is not a number); paths are given as strings (:data:`PathField`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+#: a path field: a string in the YAML (strict mode would demand a Path object)
+PathField = Annotated[Path, Field(strict=False)]

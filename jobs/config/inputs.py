@@ -1,0 +1,128 @@
+"""Config sections of the job's inputs: the images (``data``), the model, the EMBED pass."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from jobs.config.base import PathField, Strict, known_names
+
+
+class ImageSetConfig(Strict):
+    """One image set on disk, turned into manifest rows: an ImageFolder tree (``root/<class>/…``),
+    a flat folder of OOD images, a list file (``<relative path> <label>`` lines, e.g. ImageNet
+    ``val.txt``), or CIFAR's binary batches (``data_batch_*.bin`` / ``test_batch.bin``: raw
+    bytes, no pickle)."""
+
+    dataset: str
+    split: Literal["train", "val", "test"]
+    kind: Literal["imagefolder", "list", "cifar10-binary", "cifar100-binary", "npy"] = "imagefolder"
+    #: a folder; for ``npy`` a ``.npy`` file of N×H×W×3 uint8 images (e.g. TinyImages-300K)
+    root: PathField
+    list_file: PathField | None = None
+    ood: bool = False
+    #: make a long-tailed train set (first n_k images per class, n_k = n_max·ρ^(−k/(C−1))) and a
+    #: balanced ``val`` split from the remainder (``val_per_class`` images per class)
+    imbalance_ratio: float | None = Field(default=None, gt=1)
+    val_per_class: int | None = Field(default=None, ge=0)
+
+    @model_validator(mode="after")
+    def _paths_exist(self) -> "ImageSetConfig":
+        if not self.root.exists():
+            raise ValueError(f"root {self.root} does not exist (dataset {self.dataset!r})")
+        if self.kind == "list" and (self.list_file is None or not self.list_file.is_file()):
+            raise ValueError(f"list_file {self.list_file} does not exist (dataset {self.dataset!r})")
+        return self
+
+
+class DataConfig(Strict):
+    """Which images: the embedded ``digits`` benchmark, a user manifest, or image sets on disk."""
+
+    source: Literal["digits", "manifest", "folders"] = "digits"
+    manifest: PathField | None = None
+    sets: list[ImageSetConfig] = Field(default_factory=list)
+    seed: int = 0
+    id_dataset: str = "digits"
+    ood_datasets: list[str] = Field(default_factory=lambda: ["digits-near", "photo-patches", "noise"])
+    #: keep at most this many images per (dataset, split), every subset and class, evenly spaced — for quick runs and tests
+    limit_per_split: int | None = Field(default=None, gt=0)
+    #: extra datasets to embed and score without OOD evaluation (e.g. digits-c, LT train sets)
+    extra_datasets: list[str] = Field(default_factory=list)
+    #: an image file (or embedded image) larger than this is quarantined before it is read whole
+    max_image_bytes: int = Field(default=64 * 2**20, gt=0)
+
+    @model_validator(mode="after")
+    def _manifest_given(self) -> "DataConfig":
+        if self.source == "manifest":
+            if self.manifest is None:
+                raise ValueError("data.manifest is required when data.source is 'manifest'")
+            if not self.manifest.exists():
+                raise ValueError(f"data.manifest: file {self.manifest} does not exist")
+        if self.source == "folders" and not self.sets:
+            raise ValueError("data.sets must list the image sets when data.source is 'folders'")
+        if not self.ood_datasets:
+            raise ValueError("data.ood_datasets must name at least one OOD dataset")
+        return self
+
+
+class ModelConfig(Strict):
+    name: str = "digits-cnn"
+    weights: str | None = None
+    num_classes: int | None = Field(default=None, gt=1)
+    device: str = "auto"
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        from oodlib.models import MODELS
+
+        return known_names([v], MODELS, "model")[0]
+
+    @field_validator("device")
+    @classmethod
+    def _device_exists(cls, v: str) -> str:
+        """``auto``, ``cpu``, ``cuda`` / ``cuda:N`` or ``mps`` — and a GPU device must exist here, or
+        on the Ray cluster the job runs on (``$RAY_ADDRESS``)."""
+        import os
+        import re
+
+        if v in ("auto", "cpu"):
+            return v
+        if not re.fullmatch(r"cuda(:\d+)?|mps", v):
+            raise ValueError(f"unknown device {v!r}; use auto, cpu, cuda, cuda:N or mps")
+        if os.environ.get("RAY_ADDRESS"):
+            return v  # the workers' devices are checked when the actors start
+        import torch
+
+        if v == "mps" and not torch.backends.mps.is_available():
+            raise ValueError("device 'mps' but this machine has no MPS device")
+        if v.startswith("cuda"):
+            index = int(v.split(":")[1]) if ":" in v else 0
+            if index >= torch.cuda.device_count():
+                raise ValueError(f"device {v!r} but this machine has {torch.cuda.device_count()} CUDA device(s) "
+                                 "(and no RAY_ADDRESS cluster is set); use auto or cpu")
+        return v
+
+    @field_validator("weights")
+    @classmethod
+    def _weights_exist(cls, v: str | None) -> str | None:
+        # a value with a path separator or a file suffix is a file; anything else a torchvision weights name
+        if v is not None and ("/" in v or Path(v).suffix) and not Path(v).exists():
+            raise ValueError(f"weights file {v} does not exist")
+        return v
+
+
+class EmbedConfig(Strict):
+    batch_size: int = Field(default=256, gt=0)
+    #: actor pool size (max); min is 1
+    num_actors: int = Field(default=1, gt=0)
+    #: GPUs per actor: "auto" = 1 when the cluster has GPUs, else 0
+    num_gpus_per_actor: Literal["auto"] | float = "auto"
+    cpus_per_actor: float = Field(default=1.0, gt=0)
+    #: the manifest is split into this many shards (sha1 of image_id); only new or changed shards
+    #: are re-embedded on a later run. More shards = finer-grained recomputation, more files.
+    num_shards: int = Field(default=32, gt=0, le=65536)
+    #: shards embedded (and committed) per Ray Data pipeline; a crashed job resumes from the
+    #: last committed wave
+    shards_per_wave: int = Field(default=16, gt=0)

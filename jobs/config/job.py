@@ -1,0 +1,144 @@
+"""The job config (every section) and how it is read: YAML → validated :class:`JobConfig`."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import yaml
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from jobs.config.base import ConfigError, PathField, Strict
+from jobs.config.inputs import DataConfig, EmbedConfig, ModelConfig
+from jobs.config.stages import (
+    DetectorConfig, ErrorsConfig, ExplainConfig, GraphConfig, MlflowConfig, RuntimeConfig,
+)
+
+
+class JobConfig(Strict):
+    experiment: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    output: PathField = Path("outputs")
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    embed: EmbedConfig = Field(default_factory=EmbedConfig)
+    detectors: list[DetectorConfig] = Field(default_factory=lambda: [DetectorConfig(name=n) for n in ("msp", "maxlogit", "energy")])
+    graph: GraphConfig = Field(default_factory=GraphConfig)
+    explain: ExplainConfig = Field(default_factory=ExplainConfig)
+    errors: ErrorsConfig = Field(default_factory=ErrorsConfig)
+    mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+    schedule: str = "manual"
+
+    @field_validator("output")
+    @classmethod
+    def _output_is_a_directory(cls, v: Path) -> Path:
+        """The output must be (or be creatable as) a directory: no file on the way."""
+        for p in (v, *v.parents):
+            if p.exists():
+                if not p.is_dir():
+                    raise ValueError(f"{p} is a file, not a directory" + ("" if p == v else f" (on the way to {v})"))
+                break
+        return v
+
+    @field_validator("detectors", mode="before")
+    @classmethod
+    def _names_to_entries(cls, v):
+        """Allow plain names (``- energy``) next to ``{name: …, params: …}`` entries."""
+        return [{"name": d} if isinstance(d, str) else d for d in v]
+
+    @model_validator(mode="after")
+    def _error_sets_embedded(self) -> "JobConfig":
+        missing = [d for d in self.errors.extra_datasets if d not in self.data.extra_datasets and d != self.data.id_dataset]
+        if self.errors.enabled and missing:
+            raise ValueError(f"errors.extra_datasets: {missing} must also be listed in data.extra_datasets")
+        return self
+
+    @model_validator(mode="after")
+    def _embedded_localization_on_digits(self) -> "JobConfig":
+        ex = self.explain
+        if ex.enabled and ex.localization and ex.localization_data is None and self.model.name != "digits-cnn":
+            raise ValueError(f"explain.localization_data: the embedded localization set is for digits-cnn; "
+                             f"model {self.model.name!r} needs ground truth on disk (list_file + masks_dir or voc_dir)")
+        return self
+
+    @model_validator(mode="after")
+    def _graph_sets_not_ood(self) -> "JobConfig":
+        if self.graph.enabled and self.graph.oe_dataset in (self.graph.ood_datasets or self.data.ood_datasets):
+            raise ValueError(f"graph.oe_dataset: {self.graph.oe_dataset!r} is also a test OOD set")
+        return self
+
+    @model_validator(mode="after")
+    def _unique_detectors(self) -> "JobConfig":
+        keys = [d.key for d in self.detectors]
+        extra_params: dict[str, list] = {}  # a column computed in EMBED: one setting for every detector reading it
+        from oodlib.detectors import DETECTORS
+
+        for d in self.detectors:
+            cls = DETECTORS[d.name]
+            for column in set(cls.requires) - {"features", "logits"}:
+                try:
+                    extra_params.setdefault(column, []).append(cls(**d.params).params())
+                except TypeError as exc:
+                    raise ValueError(f"detectors[{d.key}].params: {exc}") from None
+        for column, settings in extra_params.items():
+            if any(p != settings[0] for p in settings):
+                raise ValueError(f"detectors: the `{column}` column is computed once in EMBED; the detectors reading it "
+                                 f"must share its parameters, got {settings}")
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"detectors: duplicate columns in {keys} (give settings distinct 'column' names)")
+        return self
+
+    def digest(self) -> str:
+        """Hash of the whole config (recorded in MLflow and last_run.json)."""
+        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:16]
+
+    def section_digest(self, *sections: str) -> dict:
+        return json.loads(self.model_dump_json(include=set(sections)))
+
+
+def _field_path(loc: tuple) -> str:
+    return ".".join(str(p) for p in loc if p not in ("function-after", "function-before"))
+
+
+def parse_config(raw: dict, source: str = "config") -> JobConfig:
+    """Validate a config mapping; raise :class:`ConfigError` naming every bad field."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: top level must be a mapping, got {type(raw).__name__}")
+    try:
+        return JobConfig.model_validate(raw)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            field = _field_path(err["loc"]) or "(top level)"
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                msg = "unknown key"
+            lines.append(f"  {field}: {msg}")
+        raise ConfigError(f"{source}: invalid configuration\n" + "\n".join(lines)) from None
+
+
+def load_config(path: str | Path, overrides: dict | None = None) -> JobConfig:
+    """Read a YAML config file, apply dotted ``overrides`` ({"embed.batch_size": 64}), validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of config sections, got {type(raw).__name__}")
+    for dotted, value in (overrides or {}).items():
+        set_dotted(raw, dotted, value)
+    return parse_config(raw, source=str(path))
+
+
+def set_dotted(raw: dict, dotted: str, value) -> None:
+    """Set ``raw["a"]["b"] = value`` for ``dotted = "a.b"``, creating mappings on the way."""
+    *parents, leaf = dotted.split(".")
+    node = raw
+    for key in parents:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted}: {key} is not a mapping")
+    node[leaf] = value
