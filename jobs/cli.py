@@ -2,8 +2,10 @@
 compare runs in MLflow. ``python -m jobs.nightly`` (what ``ray job submit`` runs) is ``oodlib run``.
 
     oodlib run --config configs/digits.yaml [--set KEY=VALUE ...] [--schedule nightly]
+    oodlib submit --config configs/digits.yaml [--address http://127.0.0.1:8265] [--set KEY=VALUE ...]
     oodlib sweep --config configs/digits.yaml --grid line.delta=0.8,1.0,inf [--set KEY=VALUE ...]
     oodlib verify --config configs/digits.yaml [--repair]
+    oodlib gc --config configs/digits.yaml [--keep-runs 7] [--dry-run]
     oodlib report --output outputs --experiment digits
     oodlib compare --experiment digits [--last 5] [--per-set] [--fail-on-regression] ...
 
@@ -16,27 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
-import yaml
 
 from jobs import compare
-from jobs.config import ConfigError, load_config
-
-
-def parse_overrides(items: list[str]) -> dict:
-    """``["embed.batch_size=64", …]`` → {"embed.batch_size": 64, …} (values parsed as YAML)."""
-    out = {}
-    for item in items:
-        if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected key=value")
-        key, value = item.split("=", 1)
-        try:
-            out[key] = yaml.safe_load(value)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({exc.problem or exc})") from None
-    return out
+from jobs.config import PROFILES, ConfigError, load_config, parse_overrides, profile_sets
 
 
 def exit_code(action) -> int:
@@ -56,20 +44,31 @@ def exit_code(action) -> int:
     return 0
 
 
-def _cmd_run(args: argparse.Namespace) -> int:
-    from jobs import pipeline  # torch/Ray: only for `run`
+def _job_start(args: argparse.Namespace) -> None:
+    """Logging (``--verbose``: Ray's INFO progress too) and SIGTERM handling for a job run."""
+    from jobs.logs import configure
     from jobs.runtime import exit_on_sigterm
 
+    if args.verbose:
+        os.environ["OODLIB_VERBOSE"] = "1"
+    configure(args.verbose)
     exit_on_sigterm()
-    return exit_code(lambda: pipeline.run(load_config(args.config, parse_overrides(args.set)), args.schedule, args.config))
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    _job_start(args)
+    from jobs import pipeline  # torch/Ray: only for `run`
+
+    sets = [*profile_sets(args.profile), *args.set]
+    return exit_code(lambda: pipeline.run(load_config(args.config, parse_overrides(sets)), args.schedule, args.config,
+                                          overrides=sets))
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
+    _job_start(args)
     from jobs import sweep
-    from jobs.runtime import exit_on_sigterm
 
-    exit_on_sigterm()
-    return exit_code(lambda: sweep.run_sweep(load_config(args.config, parse_overrides(args.set)),
+    return exit_code(lambda: sweep.run_sweep(load_config(args.config, parse_overrides([*profile_sets(args.profile), *args.set])),
                                              [sweep.parse_axis(a) for a in args.grid], args.config))
 
 
@@ -92,9 +91,34 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     return 1 if damaged else 0
 
 
-def _add_job_arguments(parser: argparse.ArgumentParser) -> None:
+def _cmd_gc(args: argparse.Namespace) -> int:
+    """Delete the cached outputs no kept run references."""
+    from jobs import gc
+
+    try:
+        cfg = load_config(args.config, parse_overrides(args.set))
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.keep_runs < 1:
+        print("error: --keep-runs must be >= 1", file=sys.stderr)
+        return 2
+    root = Path(cfg.output) / cfg.experiment
+    paths, freed = gc.collect(root, args.keep_runs, dry_run=args.dry_run)
+    for p in paths:
+        print(("would delete " if args.dry_run else "deleted ") + str(p))
+    print(f"{'would free' if args.dry_run else 'freed'} {freed / 2**20:.1f} MiB in {len(paths)} entries under {root} "
+          f"(kept the outputs of the newest {args.keep_runs} run(s))")
+    return 0
+
+
+def _add_job_arguments(parser: argparse.ArgumentParser, runs: bool = False) -> None:
     parser.add_argument("--config", required=True, help="job config YAML (e.g. configs/digits.yaml)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    if runs:
+        parser.add_argument("--verbose", action="store_true", help="also Ray's INFO logs (Ray Data progress) and its harmless warnings")
+        parser.add_argument("--profile", choices=sorted(PROFILES), default=None,
+                            help="a preset of overrides applied before --set (smoke: every stage, small, about a minute)")
 
 
 def _resolve_stage_path(stage: str, output: Path, experiment: str) -> Path:
@@ -161,23 +185,35 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="oodlib", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{run,sweep,verify,report,compare}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{run,submit,sweep,verify,gc,report,compare}")
 
     p_run = sub.add_parser("run", help="run the job (python -m jobs.nightly)")
-    _add_job_arguments(p_run)
+    _add_job_arguments(p_run, runs=True)
     p_run.add_argument("--schedule", default=None, help="tag for the MLflow runs (manual, nightly, …)")
     p_run.set_defaults(func=_cmd_run)
 
     p_sweep = sub.add_parser("sweep", help="a detector's hyperparameter grid over the stored features (no re-embedding)")
-    _add_job_arguments(p_sweep)
+    _add_job_arguments(p_sweep, runs=True)
     p_sweep.add_argument("--grid", action="append", required=True, metavar="DETECTOR.PARAM=v1,v2,…",
                          help="one axis of the grid (repeat for a 2-D grid); inf/off/none switch a step off")
     p_sweep.set_defaults(func=_cmd_sweep)
+
+    p_submit = sub.add_parser("submit", help="run the job on a Ray cluster (Jobs API), outputs and tracking resolved here")
+    from jobs import submit
+
+    submit.add_arguments(p_submit)
+    p_submit.set_defaults(func=submit.submit)
 
     p_verify = sub.add_parser("verify", help="hash-check every committed output of the experiment (--repair discards damaged ones)")
     _add_job_arguments(p_verify)
     p_verify.add_argument("--repair", action="store_true", help="discard damaged commits so that the next run recomputes them")
     p_verify.set_defaults(func=_cmd_verify)
+
+    p_gc = sub.add_parser("gc", help="delete cached outputs that no kept run references")
+    _add_job_arguments(p_gc)
+    p_gc.add_argument("--keep-runs", type=int, default=7, help="keep the outputs of the newest N runs (default 7)")
+    p_gc.add_argument("--dry-run", action="store_true", help="only list what would be deleted")
+    p_gc.set_defaults(func=_cmd_gc)
 
     p_report = sub.add_parser("report", help="print last_run.json and the results table of the last run")
     p_report.add_argument("--output", type=Path, default=Path("outputs"), help="the config's output directory (default outputs)")
@@ -192,7 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if not hasattr(args, "verbose"):  # a job run configures its own logging
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+        logging.getLogger("faiss").setLevel(logging.WARNING)
     return int(args.func(args) or 0)
 
 

@@ -92,7 +92,7 @@ class EmbedActor:
         torch.set_num_threads(max(1, num_threads))
         state = fetch(spec.state)
         self.device = resolve_device(spec.device)
-        self.model = rebuild_model(spec.name, spec.num_classes, state, self.device)
+        self.model = rebuild_model(spec.name, spec.num_classes, state, self.device, spec.preprocess)
         self.extras = build_extras(spec.extras, self.model, self.device)
         self.max_bytes = spec.max_image_bytes
 

@@ -12,6 +12,7 @@ that decoded (EMBED writes zeros for quarantined rows, which never reach the fea
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -203,12 +204,150 @@ class GaussianizedFeatures(Extra):
 
     def __init__(self, model, params, state, device) -> None:
         super().__init__(model, params, state, device)
-        self.gmodel = rebuild_model(model.name, model.num_classes, state, device)
+        self.gmodel = rebuild_model(model.name, model.num_classes, state, device, model.preprocess)
         self.columns = {"gfeatures": model.feature_dim}
 
     @torch.inference_mode()
     def __call__(self, model, x, h, logits):
         return {"gfeatures": self.gmodel.features(x).float().cpu().numpy()}
+
+
+class SharedLayerPass:
+    """One :func:`oodlib.layers.layer_pass` per batch for a group of layer-statistics extras (those
+    :func:`build_extras` builds together): the first member called for a batch computes every
+    member's request in one hooked forward (plus the backward passes NAC and AdaSCALE need); the
+    others read the cached result."""
+
+    def __init__(self, members: list["LayerStatistic"]) -> None:
+        self.members = list(members)
+        self._batch: tuple | None = None  # (weakref to the batch tensor, its PassOutput)
+
+    def run(self, model: ModelAdapter, x: torch.Tensor, extra: "LayerStatistic"):
+        """(features, logits, ``extra``'s columns) of batch x, computed once for every member."""
+        from oodlib.layers import layer_pass
+
+        if self._batch is None or self._batch[0]() is not x:
+            self._batch = (weakref.ref(x), layer_pass(model, x, [m.request for m in self.members]))
+        out = self._batch[1]
+        return out.features, out.logits, out.columns[self.members.index(extra)]
+
+
+class LayerStatistic(DetectorInput):
+    """Base of the extras computed by the shared layer pass (:mod:`oodlib.layers`). Only the
+    detector hyperparameters in ``extra_params`` reach EMBED (and its key); ``layers=None``
+    becomes the model's default layers of ``statistic``. Each has ``forward``: the shared pass
+    also *is* the batch's ordinary forward (unless another extra provides it)."""
+
+    statistic: ClassVar[str | None] = None
+    extra_params: ClassVar[tuple[str, ...]] = ("layers",)
+    detector: ClassVar[str]
+
+    @classmethod
+    def wanted(cls, cfg: JobConfig) -> dict | None:
+        params = super().wanted(cfg)
+        if params is None:
+            return None
+        from oodlib.layers import default_layers
+
+        params = {k: params[k] for k in cls.extra_params}
+        if "layers" in params and params["layers"] is None:
+            params["layers"] = list(default_layers(cls.statistic, cfg.model.name, cls.detector))
+        return params
+
+    def __init__(self, model, params, state, device) -> None:
+        super().__init__(model, params, state, device)
+        self.request = self.make_request(model, params)
+        self.shared = SharedLayerPass([self])  # build_extras groups the extras built together
+
+    def make_request(self, model: ModelAdapter, params: dict):
+        raise NotImplementedError
+
+    def _layered(self, model: ModelAdapter, request, column: str) -> None:
+        from oodlib.layers import check_layers, layer_widths
+
+        check_layers(model, request.layers, self.detector)
+        sizes = request.sizes(layer_widths(model, request.layers))
+        self.columns = {column: int(sum(sizes)), f"{column}_sizes": len(sizes)}
+
+    def forward(self, model, x):
+        return self.shared.run(model, x, self)
+
+    def __call__(self, model, x, h, logits):
+        return self.shared.run(model, x, self)[2]
+
+
+class GramStatistics(LayerStatistic):
+    """``gram`` [Σₗ P·Cₗ] + ``gram_sizes`` [L]: row-summed Gram matrices per layer and power."""
+
+    name = detector = statistic = "gram"
+    provides = ("gram", "gram_sizes")
+    extra_params = ("layers", "powers")
+
+    def make_request(self, model, params):
+        from oodlib.layers import Gram
+
+        request = Gram(tuple(params["layers"]), tuple(int(p) for p in params["powers"]))
+        self._layered(model, request, "gram")
+        return request
+
+
+class LayerMeanStatistics(LayerStatistic):
+    """``layer_means`` [Σₗ Cₗ] + ``layer_means_sizes`` [L]: spatial means of the layers' maps."""
+
+    name = statistic = "layer_means"
+    detector = "multi_mahalanobis"
+    provides = ("layer_means", "layer_means_sizes")
+
+    def make_request(self, model, params):
+        from oodlib.layers import LayerMeans
+
+        request = LayerMeans(tuple(params["layers"]))
+        self._layered(model, request, "layer_means")
+        return request
+
+
+class NacStatistics(LayerStatistic):
+    """``nac`` [Σₗ Cₗ] + ``nac_sizes`` [L]: NAC's pre-sigmoid neuron states ō·ḡ (needs ∂L/∂o)."""
+
+    name = detector = statistic = "nac"
+    provides = ("nac", "nac_sizes")
+
+    def make_request(self, model, params):
+        from oodlib.layers import NacStates
+
+        request = NacStates(tuple(params["layers"]))
+        self._layered(model, request, "nac")
+        return request
+
+
+class RankFeatStatistic(LayerStatistic):
+    """``rankfeat``: RankFeat's fused energy after rank-1 removal (reruns the network above each layer)."""
+
+    name = detector = statistic = "rankfeat"
+    provides = ("rankfeat",)
+    extra_params = ("layers", "temperature")
+
+    def make_request(self, model, params):
+        from oodlib.layers import RankFeat, check_layers
+
+        layers = check_layers(model, params["layers"], self.detector, pooled=False)
+        self.columns = {"rankfeat": None}
+        return RankFeat(layers, float(params["temperature"]))
+
+
+class AdaScaleStatistics(LayerStatistic):
+    """``adascale_correction``, ``adascale_shift``: AdaSCALE's terms (needs ∇ₓ and a second forward)."""
+
+    name = "adascale"
+    detector = "adascale_a"
+    provides = ("adascale_correction", "adascale_shift")
+    extra_params = ("k1", "k2", "o")
+
+    def make_request(self, model, params):
+        from oodlib.layers import AdaScale
+
+        self.columns = {"adascale_correction": None, "adascale_shift": None}
+        return AdaScale(float(params["k1"]), float(params["k2"]), float(params["o"]))
 
 
 EXTRAS: dict[str, type[Extra]] = {cls.name: cls for cls in subclasses(Extra)}
@@ -225,5 +364,11 @@ def upstream_stages(cfg: JobConfig) -> tuple[str, ...]:
 
 
 def build_extras(specs: tuple[ExtraSpec, ...], model: ModelAdapter, device: torch.device) -> list[Extra]:
-    """Instantiate the extras in the actor, fetching their state from the object store."""
-    return [EXTRAS[s.name](model, s.params, fetch(s.state), device) for s in specs]
+    """Instantiate the extras in the actor, fetching their state from the object store; the
+    layer-statistics extras among them share one pass per batch (:class:`SharedLayerPass`)."""
+    extras = [EXTRAS[s.name](model, s.params, fetch(s.state), device) for s in specs]
+    layered = [e for e in extras if isinstance(e, LayerStatistic)]
+    shared = SharedLayerPass(layered)
+    for e in layered:
+        e.shared = shared
+    return extras

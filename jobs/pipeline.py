@@ -15,11 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
 
-from jobs import storage, tracking
+from jobs import publish, storage, tracking
 from jobs.config import DetectorConfig, JobConfig
+from jobs.logs import Heartbeat
 from jobs.runtime import claim_scratch, clean_stale_scratch
-from jobs.stages.base import Context, Stage, StageResult
+from jobs.stages.base import Context, ShardFiles, Stage, StageResult
 from jobs.stages.embed import EmbedStage
 from jobs.stages.errors import ErrorsStage
 from jobs.stages.evaluate import EvaluateStage
@@ -74,37 +76,44 @@ def run_stages(ctx: Context, stages: list[Stage], tracker: tracking.Tracker) -> 
     for stage in stages:
         t0 = time.time()
         up = {n: results[n] for n in stage.needs(ctx.cfg)}
-        target = stage.target(ctx, up)
-        committed = target.committed()
-        reused = committed and stage.intact(ctx, up, target.path)
-        if committed and not reused:  # what it refers to was damaged: repair it
-            log.warning("[%s] %s refers to damaged outputs; recomputing them", stage.name, target.path)
-            storage.discard(target.path)
-        if not reused:
-            with target.writing() as tmp:
-                stage.run(ctx, up, tmp)
-        result = results[stage.name] = stage.load(ctx, up, target.path)
+        with Heartbeat(stage.name) as beat:
+            ctx.progress = beat.note
+            target = stage.target(ctx, up)
+            committed = target.committed()
+            reused = committed and stage.intact(ctx, up, target.path)
+            if committed and not reused:  # what it refers to was damaged: repair it
+                log.warning("[%s] %s refers to damaged outputs; recomputing them", stage.name, target.path)
+                storage.discard(target.path)
+            if not reused:
+                with target.writing() as tmp:
+                    stage.run(ctx, up, tmp)
+            result = results[stage.name] = stage.load(ctx, up, target.path)
+        ctx.progress = print
         rec = StageRecord(stage.name, target.path, reused, round(time.time() - t0, 2), result.counts())
         records.append(rec)
-        print(f"[{stage.name}] {'reused committed result' if reused else 'computed'} in {rec.seconds:.1f}s → {target.path}", flush=True)
+        counts = "".join(f", {k} {v}" for k, v in rec.counts.items())
+        print(f"[{stage.name}] {'reused' if reused else 'computed'} in {rec.seconds:.1f}s{counts} → {target.path}", flush=True)
         tracker.stage(stage.name, rec.seconds, result.children(ctx))
     return results, records
 
 
 def load_job_model(cfg: JobConfig) -> ModelAdapter:
     """The configured model on the driver (for hashing, the head, and shipping to actors)."""
-    return load_model(cfg.model.name, cfg.model.weights, cfg.model.num_classes or 1000)
+    model = load_model(cfg.model.name, cfg.model.weights, cfg.model.num_classes)
+    model.preprocess = cfg.model.preprocess(model.preprocess)
+    return model
 
 
 def run(
     cfg: JobConfig, schedule: str | None = None, config_path: str = "", detectors: list[DetectorConfig] | None = None,
-    targets: tuple[str, ...] | None = None,
+    targets: tuple[str, ...] | None = None, overrides: list[str] = (),
 ) -> dict:
     """Run the job for ``cfg``; returns the summary written to ``{output}/{experiment}/last_run.json``.
 
     ``detectors``: the detector entries FIT/SCORE/EVALUATE use instead of the config's (a sweep's
     grid; EMBED's extras still follow the config, so the stored features are reused).
     ``targets``: run only these stages and what they need (a sweep: ``("evaluate",)``).
+    ``overrides``: the ``--set`` items the config was loaded with (recorded in MLflow).
     """
     started = time.time()
     model = load_job_model(cfg)
@@ -115,8 +124,12 @@ def run(
     uri = tracking.tracking_uri(cfg.mlflow.tracking_uri, Path(cfg.output)) if cfg.mlflow.enabled else None
     tags = {"schedule": schedule or cfg.schedule, "git_sha": tracking.git_sha(), "model_hash": ctx.model_hash,
             "config_hash": cfg.digest(), "oodlib_run_id": run_id, "model": cfg.model.name}
-    params = {"config": config_path, "model": cfg.model.name, "id_dataset": cfg.data.id_dataset, "ood_datasets": ",".join(cfg.data.ood_datasets)}
-    tracker = tracking.Tracker(uri, cfg.experiment, tags, params)
+    import yaml
+
+    resolved = cfg.model_dump(mode="json")
+    params = {"config": config_path, "overrides": " ".join(overrides) or "(none)", **tracking.flat_params(resolved)}
+    config_yaml = f"# {config_path or '(config object)'} with --set {' '.join(overrides) or '(none)'}\n" + yaml.safe_dump(resolved, sort_keys=False)
+    tracker = tracking.Tracker(uri, cfg.experiment, tags, params, config_yaml)
     clean_stale_scratch(ctx.scratch.parent)
     claim_scratch(ctx.scratch)
     try:
@@ -124,6 +137,9 @@ def run(
         summary = job_summary(ctx, run_id, config_path, results, records, started)
         summary.update(mlflow_run_id=tracker.parent_id(), tracking_uri=tracking.redact_uri(uri))
         metrics = all_metrics(results)
+        if targets is None:  # a partial run (a sweep) does not publish
+            summary["tables"] = publish_tables(ctx, results, metrics, publish.metadata(run_id, cfg.digest(),
+                                                                                       mlflow_run_id=summary["mlflow_run_id"]))
         acc = metrics[metrics.task == "classify"]
         tracker.finish(
             {**{f"acc.{r.dataset.replace('/', '.')}": r.value for r in acc.itertuples()},
@@ -136,10 +152,38 @@ def run(
         raise
     finally:
         shutil.rmtree(ctx.scratch, ignore_errors=True)
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "last_run.json").write_text(json.dumps(summary, indent=2))
+    write_run_record(root, summary)
     print_summary(summary, metrics)
     return summary
+
+
+def publish_tables(ctx: Context, results: dict[str, StageResult], metrics: pd.DataFrame, meta: dict) -> dict:
+    """Commit this run's version of every published table; returns {name: {path, version}}."""
+    from jobs.stages.evaluate import METRICS_SCHEMA
+
+    small: dict[str, list[pa.Table]] = {"metrics": [pa.Table.from_pandas(metrics, schema=METRICS_SCHEMA, preserve_index=False)]}
+    sharded: dict[str, ShardFiles] = {}
+    for result in results.values():
+        for name, table in result.tables().items():
+            if isinstance(table, ShardFiles):
+                sharded[name] = table
+            else:
+                small.setdefault(name, []).append(table)
+    out = {}
+    for name, files in sharded.items():
+        out[name] = publish.publish_shards(ctx.root / "tables" / name, files.shards, files.sub, meta)
+    for name, parts in small.items():
+        out[name] = publish.publish_table(ctx.root / "tables" / name, pa.concat_tables(parts, promote_options="default"), meta)
+    print("[publish] " + ", ".join(f"{n} v{v}" for n, v in sorted(out.items())) + f" in {ctx.root / 'tables'}", flush=True)
+    return {name: {"path": str(ctx.root / "tables" / name), "version": v} for name, v in sorted(out.items())}
+
+
+def write_run_record(root: Path, summary: dict) -> None:
+    """``last_run.json`` and the run's record in ``runs/`` (what ``oodlib gc`` keeps by)."""
+    (root / "runs").mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+    (root / "runs" / f"{stamp}-{summary['run_id']}.json").write_text(json.dumps(summary, indent=2))
+    (root / "last_run.json").write_text(json.dumps(summary, indent=2))
 
 
 def all_metrics(results: dict[str, StageResult]) -> pd.DataFrame:

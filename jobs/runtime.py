@@ -48,11 +48,15 @@ def init_ray():
     address = os.environ.get("RAY_ADDRESS")
     if not address:
         loopback_only()
+    os.environ.setdefault("RAY_AUTH_MODE", "token")  # read when Ray is imported
     import ray
 
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
     private_token_file(create=not address)
     ray.init(address=address or "local", log_to_driver=True, include_dashboard=False if not address else None)
+    if not os.environ.get("OODLIB_VERBOSE"):
+        from jobs.logs import quiet_ray_data
+
+        quiet_ray_data()
     return ray
 
 

@@ -94,7 +94,7 @@ def previous_shard(latest: Path, shard: int) -> Path | None:
     if not pointer.is_file():
         return None
     path = Path(os.path.normpath(latest / json.loads(pointer.read_text())["path"]))
-    return path if StageDir(path.parent, path.name.removeprefix("key=")).committed() else None
+    return path if StageDir.of(path).committed() else None
 
 
 def set_previous_shard(latest: Path, shard: int, path: Path) -> None:

@@ -94,10 +94,20 @@ class StageDir:
 
     root: Path  # {output}/{experiment}/{stage}
     key: str
+    #: the directory is ``{prefix}{key}``; shards inside a published table use ``shard-`` (a
+    #: ``key=`` directory would read as a hive partition to the table's readers)
+    prefix: str = "key="
 
     @property
     def path(self) -> Path:
-        return self.root / f"key={self.key}"
+        return self.root / f"{self.prefix}{self.key}"
+
+    @classmethod
+    def of(cls, path: Path) -> "StageDir":
+        """The StageDir whose directory is ``path``."""
+        path = Path(path)
+        prefix = "shard-" if path.name.startswith("shard-") else "key="
+        return cls(path.parent, path.name.removeprefix(prefix), prefix)
 
     def committed(self, hashes: bool = False) -> bool:
         """True when committed and intact. A commit whose files are not what was committed is

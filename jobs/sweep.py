@@ -36,6 +36,12 @@ def parse_axis(text: str) -> tuple[str, str, list]:
     return detector, param, parsed
 
 
+def value_token(value) -> str:
+    """A parameter value as a column-name token: ``0.8`` → ``0p8``, None → ``off``, ``-1`` → ``m1``."""
+    text = "off" if value is None else str(value).lower()
+    return "".join(c if c.isalnum() else {".": "p", "-": "m"}.get(c, "_") for c in text)
+
+
 def grid_detectors(cfg: JobConfig, axes: list[tuple[str, str, list]]) -> tuple[list[DetectorConfig], pd.DataFrame]:
     """One detector entry per grid point (base params from the config's first entry of that
     detector), and a table of the settings (``column`` + one column per swept parameter)."""
@@ -45,9 +51,9 @@ def grid_detectors(cfg: JobConfig, axes: list[tuple[str, str, list]]) -> tuple[l
     name = names.pop()
     base = next((d.params for d in cfg.detectors if d.name == name), {})
     entries, rows = [], []
-    for i, point in enumerate(itertools.product(*[a[2] for a in axes])):
+    for point in itertools.product(*[a[2] for a in axes]):
         params = {**base, **{a[1]: v for a, v in zip(axes, point)}}
-        column = f"{name}_s{i:02d}"
+        column = "_".join([name, *(f"{a[1]}_{value_token(v)}" for a, v in zip(axes, point))])
         entries.append(DetectorConfig(name=name, params=params, column=column))
         rows.append({"column": column, **{a[1]: ("off" if v is None else str(v)) for a, v in zip(axes, point)}})
     return entries, pd.DataFrame(rows)

@@ -58,6 +58,10 @@ def redact_uri(uri: str | None) -> str | None:
 
 
 def git_sha() -> str:
+    """The code's git commit: ``$OODLIB_GIT_SHA`` (set by ``oodlib submit``: a Ray job's package
+    copy has no ``.git``), else ``git rev-parse``, else ``unknown``."""
+    if os.environ.get("OODLIB_GIT_SHA"):
+        return os.environ["OODLIB_GIT_SHA"]
     try:
         return subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True, timeout=5,
@@ -81,6 +85,22 @@ def experiment_id(client: MlflowClient, name: str) -> str:
 def _chunks(items: list, size: int):
     for i in range(0, len(items), size):
         yield items[i : i + size]
+
+
+def flat_params(tree: dict, prefix: str = "") -> dict[str, str]:
+    """A nested config as MLflow params: ``{"embed.batch_size": "256", …}`` (lists as JSON,
+    values cut to MLflow's 6000 characters)."""
+    import json
+
+    out = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flat_params(value, f"{name}."))
+        else:
+            text = json.dumps(value, default=str) if isinstance(value, (list, tuple)) else str(value)
+            out[name] = text if len(text) <= 6000 else text[:5990] + " …(cut)"
+    return out
 
 
 def log_run(
@@ -108,8 +128,8 @@ class Tracker:
     and seconds; it ends FINISHED with the summary, or FAILED when the job fails. ``uri`` None
     disables tracking (every method is then a no-op)."""
 
-    def __init__(self, uri: str | None, experiment: str, tags: dict[str, str], params: dict) -> None:
-        self.uri, self.experiment, self.tags, self.params = uri, experiment, tags, params
+    def __init__(self, uri: str | None, experiment: str, tags: dict[str, str], params: dict, config_yaml: str = "") -> None:
+        self.uri, self.experiment, self.tags, self.params, self.config_yaml = uri, experiment, tags, params, config_yaml
         self.parent: str | None = None
 
     def parent_id(self) -> str | None:
@@ -120,8 +140,12 @@ class Tracker:
         if self.parent is None:
             self.client = MlflowClient(self.uri)
             self.exp_id = experiment_id(self.client, self.experiment)
+            # MLflow 3 opens an experiment without a kind on its GenAI traces page; this one is a model's
+            self.client.set_experiment_tag(self.exp_id, "mlflow.experimentKind", "custom_model_development")
             run_name = f"{self.experiment}-{time.strftime('%Y%m%d-%H%M%S')}"
             self.parent = log_run(self.client, self.exp_id, run_name, resolve_tags(self.tags), params=self.params)
+            if self.config_yaml:
+                self.client.log_text(self.parent, self.config_yaml, "config.yaml")
         return self.parent
 
     def stage(self, name: str, seconds: float, children: list) -> None:
@@ -131,7 +155,7 @@ class Tracker:
         parent = self._start()
         self.client.log_metric(parent, f"stage_seconds.{name}", seconds)
         for c in children:
-            child = log_run(self.client, self.exp_id, c.name, {**self.tags, "method": c.name}, c.params, c.metrics,
+            child = log_run(self.client, self.exp_id, c.name, {**self.tags, "method": c.method or c.name}, c.params, c.metrics,
                             c.artifacts, parent_id=parent)
             self.client.set_terminated(child)
 

@@ -21,6 +21,7 @@ class ModelSpec:
     device: str = "auto"
     extras: tuple = ()
     max_image_bytes: int = 64 * 2**20
+    preprocess: object = None  # oodlib.data.preprocess.Preprocess: how images become input
 
 
 def model_state_arrays(model: ModelAdapter) -> dict[str, np.ndarray]:
@@ -28,9 +29,9 @@ def model_state_arrays(model: ModelAdapter) -> dict[str, np.ndarray]:
     return {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
 
 
-def rebuild_model(name: str, num_classes: int, state: dict[str, np.ndarray], device: torch.device) -> ModelAdapter:
-    """Architecture ``name`` with the shipped weights, in eval mode on ``device``."""
-    model = build_model(name, num_classes)
+def rebuild_model(name: str, num_classes: int, state: dict[str, np.ndarray], device: torch.device, preprocess=None) -> ModelAdapter:
+    """Architecture ``name`` with the shipped weights (and preprocessing), in eval mode on ``device``."""
+    model = build_model(name, num_classes, preprocess)
     model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()})
     return model.to(device).eval()
 

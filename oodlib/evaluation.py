@@ -2,7 +2,8 @@
 detector): long rows ``task, method, dataset, metric, value`` as the ``metrics`` table stores them.
 
 OOD metrics compare the ID test split with each OOD set (``avg`` = unweighted mean over the
-sets); ``classify`` rows hold the accuracy per labelled dataset and split.
+sets; a named group such as OpenOOD's ``near``/``far`` = unweighted mean over its sets);
+``classify`` rows hold the accuracy per labelled dataset and split.
 """
 from __future__ import annotations
 
@@ -16,8 +17,15 @@ def score_columns(scores: pd.DataFrame) -> list[str]:
     return [c for c in scores.columns if c.startswith("score_")]
 
 
-def ood_metric_rows(scores: pd.DataFrame, id_dataset: str, ood_datasets: list[str]) -> list[dict]:
-    """Metrics of every ``score_*`` column for ID test vs each OOD set, plus ``avg`` rows."""
+def ood_metric_rows(
+    scores: pd.DataFrame, id_dataset: str, ood_datasets: list[str], groups: dict[str, list[str]] | None = None
+) -> list[dict]:
+    """Metrics of every ``score_*`` column for ID test vs each OOD set, then one row per metric for
+    each of ``groups`` ({name: OOD sets}, dataset = the name: the unweighted mean over its sets,
+    as OpenOOD v1.5 reports near/far) and the ``avg`` rows (mean over every set)."""
+    for name, members in (groups or {}).items():
+        if name == "avg" or name in ood_datasets or not members or set(members) - set(ood_datasets):
+            raise ValueError(f"OOD group {name!r}: must be a new name listing OOD sets of {ood_datasets}, got {members}")
     id_rows = scores[(scores.dataset == id_dataset) & (scores.split == "test")]
     if id_rows.empty:
         raise ValueError(f"no scored rows for the ID test split of {id_dataset!r}")
@@ -31,6 +39,9 @@ def ood_metric_rows(scores: pd.DataFrame, id_dataset: str, ood_datasets: list[st
                 raise ValueError(f"no scored rows for OOD dataset {ood!r}")
             per_set[ood] = ood_metrics(id_rows[column].to_numpy(), ood_rows[column].to_numpy())
             rows += [dict(task="ood", method=method, dataset=ood, metric=k, value=v) for k, v in per_set[ood].items()]
+        for name, members in (groups or {}).items():
+            rows += [dict(task="ood", method=method, dataset=name, metric=k, value=float(np.mean([per_set[s][k] for s in members])))
+                     for k in OOD_METRICS]
         rows += [
             dict(task="ood", method=method, dataset="avg", metric=k, value=float(np.mean([m[k] for m in per_set.values()])))
             for k in OOD_METRICS

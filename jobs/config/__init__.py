@@ -8,6 +8,7 @@ and the entry points exit with code 2. Sections: :mod:`~jobs.config.inputs` (dat
 from jobs.config.base import ConfigError, PathField, Strict, known_names
 from jobs.config.inputs import DataConfig, EmbedConfig, ImageSetConfig, ModelConfig
 from jobs.config.job import JobConfig, load_config, parse_config, set_dotted
+from jobs.config.overrides import PROFILES, parse_overrides, profile_sets
 from jobs.config.stages import (
     DetectorConfig, ErrorsConfig, ExplainConfig, GraphConfig, LocalizationDataConfig, MlflowConfig, MutantConfig,
     RuntimeConfig, SprtConfig,
@@ -16,5 +17,6 @@ from jobs.config.stages import (
 __all__ = [
     "ConfigError", "DataConfig", "DetectorConfig", "EmbedConfig", "ErrorsConfig", "ExplainConfig", "GraphConfig",
     "ImageSetConfig", "JobConfig", "LocalizationDataConfig", "MlflowConfig", "ModelConfig", "MutantConfig", "PathField",
-    "RuntimeConfig", "SprtConfig", "Strict", "known_names", "load_config", "parse_config", "set_dotted",
+    "PROFILES", "RuntimeConfig", "SprtConfig", "Strict", "known_names", "load_config", "parse_config", "parse_overrides",
+    "profile_sets", "set_dotted",
 ]

@@ -7,6 +7,11 @@ from typing import Annotated
 from pydantic import BaseModel, ConfigDict, Field
 
 
+def in_ray_package() -> bool:
+    """Whether this process runs in a Ray job's uploaded copy of the working directory."""
+    return any(part.startswith("_ray_pkg_") for part in Path.cwd().parts)
+
+
 class ConfigError(ValueError):
     """An invalid job configuration; the message names the offending field."""
 

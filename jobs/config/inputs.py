@@ -25,6 +25,8 @@ class ImageSetConfig(Strict):
     #: make a long-tailed train set (first n_k images per class, n_k = n_max·ρ^(−k/(C−1))) and a
     #: balanced ``val`` split from the remainder (``val_per_class`` images per class)
     imbalance_ratio: float | None = Field(default=None, gt=1)
+    #: without ``imbalance_ratio``: hold out this many images per class of a train set as the ID
+    #: ``val`` split (detectors fitted on held-out data: TempScale, KLM, Residual, VRA; thresholds)
     val_per_class: int | None = Field(default=None, ge=0)
 
     @model_validator(mode="after")
@@ -45,6 +47,10 @@ class DataConfig(Strict):
     seed: int = 0
     id_dataset: str = "digits"
     ood_datasets: list[str] = Field(default_factory=lambda: ["digits-near", "photo-patches", "noise"])
+    #: named groups of OOD sets, e.g. OpenOOD v1.5's ``{near: [ssb-hard, ninco], far: [...]}``: EVALUATE adds
+    #: one row per group (dataset = the name, the unweighted mean over its sets) next to ``avg``;
+    #: ERRORS counts the ``near`` sets as new-class failures (unless ``errors.new_class_datasets`` says otherwise)
+    ood_groups: dict[str, list[str]] = Field(default_factory=dict)
     #: keep at most this many images per (dataset, split), every subset and class, evenly spaced — for quick runs and tests
     limit_per_split: int | None = Field(default=None, gt=0)
     #: extra datasets to embed and score without OOD evaluation (e.g. digits-c, LT train sets)
@@ -65,12 +71,54 @@ class DataConfig(Strict):
             raise ValueError("data.ood_datasets must name at least one OOD dataset")
         return self
 
+    @model_validator(mode="after")
+    def _groups_of_ood_sets(self) -> "DataConfig":
+        import re
+
+        for name, members in self.ood_groups.items():
+            if not re.fullmatch(r"[A-Za-z0-9_-]+", name) or name == "avg" or name in self.ood_datasets:
+                raise ValueError(f"data.ood_groups: group name {name!r} must be letters, digits, '_' or '-', "
+                                 "and neither 'avg' nor an OOD set's name")
+            unknown = [m for m in members if m not in self.ood_datasets]
+            if unknown or not members or len(set(members)) != len(members):
+                raise ValueError(f"data.ood_groups.{name}: {members} must list distinct sets of data.ood_datasets "
+                                 f"{self.ood_datasets}" + (f" ({unknown} are not)" if unknown else ""))
+        return self
+
 
 class ModelConfig(Strict):
+    """The classifier and how images become its input. Preprocessing starts from the model's own
+    (digits-cnn: 32 px grey; densenet-bc-100: its CIFAR statistics; torchvision: ImageNet's 224 px
+    crop of a 256 px resize), or a ``preset``, then any field given here replaces that part."""
+
     name: str = "digits-cnn"
     weights: str | None = None
+    #: None: read from the weights file's head (torchvision, DenseNet), else 1000
     num_classes: int | None = Field(default=None, gt=1)
     device: str = "auto"
+    preset: Literal["imagenet", "cifar", "digits", "densenet-bc"] | None = None
+    #: the square input (crop) size in pixels
+    input_size: int | None = Field(default=None, gt=0)
+    #: shorter side after resizing, before the center crop to ``input_size``
+    resize: int | None = Field(default=None, gt=0)
+    #: False: resize straight to ``input_size`` (no crop)
+    crop: bool | None = None
+    mean: list[float] | None = None
+    std: list[float] | None = None
+
+    def preprocess(self, default):
+        """The resolved :class:`~oodlib.data.preprocess.Preprocess` given the model's ``default``."""
+        from oodlib.data.preprocess import resolve_preprocess
+
+        return resolve_preprocess(default, self.preset, self.input_size, self.resize, self.crop, self.mean, self.std)
+
+    @model_validator(mode="after")
+    def _preprocess_consistent(self) -> "ModelConfig":
+        from oodlib.data.preprocess import PRESETS, resolve_preprocess
+
+        base = PRESETS[self.preset] if self.preset else (PRESETS["digits"] if self.name == "digits-cnn" else PRESETS["imagenet"])
+        resolve_preprocess(base, None, self.input_size, self.resize, self.crop, self.mean, self.std)  # raises naming the problem
+        return self
 
     @field_validator("name")
     @classmethod

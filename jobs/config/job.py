@@ -8,7 +8,7 @@ from pathlib import Path
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from jobs.config.base import ConfigError, PathField, Strict
+from jobs.config.base import ConfigError, PathField, Strict, in_ray_package
 from jobs.config.inputs import DataConfig, EmbedConfig, ModelConfig
 from jobs.config.stages import (
     DetectorConfig, ErrorsConfig, ExplainConfig, GraphConfig, MlflowConfig, RuntimeConfig,
@@ -29,10 +29,27 @@ class JobConfig(Strict):
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     schedule: str = "manual"
 
+    @field_validator("output", mode="before")
+    @classmethod
+    def _output_uri(cls, v):
+        """``file://`` URIs are local paths; object stores (``s3://``, ``gs://``) are not supported yet."""
+        if isinstance(v, str) and "://" in v:
+            scheme, _, rest = v.partition("://")
+            if scheme != "file":
+                raise ValueError(f"{scheme}:// outputs are not supported yet: use a local or mounted path "
+                                 "(e.g. a bucket mounted with gcsfuse / mountpoint-s3) or a file:// URI")
+            return rest
+        return v
+
     @field_validator("output")
     @classmethod
     def _output_is_a_directory(cls, v: Path) -> Path:
-        """The output must be (or be creatable as) a directory: no file on the way."""
+        """The output must be (or be creatable as) a directory: no file on the way; and inside a
+        Ray job it must be absolute (a relative one would land in the job's package copy)."""
+        if not v.is_absolute() and in_ray_package():
+            raise ValueError(f"relative path {str(v)!r} would resolve inside this Ray job's package directory "
+                             f"({Path.cwd()}), which the next job does not see; give an absolute path or a file:// URI, "
+                             "or submit with `oodlib submit`, which resolves it on the submitting side")
         for p in (v, *v.parents):
             if p.exists():
                 if not p.is_dir():
@@ -51,6 +68,9 @@ class JobConfig(Strict):
         missing = [d for d in self.errors.extra_datasets if d not in self.data.extra_datasets and d != self.data.id_dataset]
         if self.errors.enabled and missing:
             raise ValueError(f"errors.extra_datasets: {missing} must also be listed in data.extra_datasets")
+        unknown = [d for d in self.errors.new_class_datasets or [] if d not in self.data.ood_datasets]
+        if self.errors.enabled and unknown:
+            raise ValueError(f"errors.new_class_datasets: {unknown} must be OOD sets (data.ood_datasets)")
         return self
 
     @model_validator(mode="after")

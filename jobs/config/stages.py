@@ -5,7 +5,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from jobs.config.base import PathField, Strict, known_names
+from jobs.config.base import PathField, Strict, in_ray_package, known_names
 
 
 class DetectorConfig(Strict):
@@ -136,6 +136,17 @@ class ErrorsConfig(Strict):
     extra_datasets: list[str] = Field(default_factory=list)
     detector_epochs: int = Field(default=100, gt=0)
     seed: int = 0
+    #: FD-Shifts failure detection: OOD sets whose images count as new-class failures (correct = 0),
+    #: each evaluated with the correct ID test predictions; None = the ``near`` group of
+    #: ``data.ood_groups`` (none without it)
+    new_class_datasets: list[str] | None = None
+    #: bootstrap resamples for the 95% intervals of the failure metrics (FD-Shifts' studies use 500;
+    #: 0 = no intervals)
+    n_bootstrap: int = Field(default=200, ge=0)
+
+    def new_class_sets(self, ood_groups: dict[str, list[str]]) -> list[str]:
+        """The OOD sets of the new-class failure sources."""
+        return list(self.new_class_datasets if self.new_class_datasets is not None else ood_groups.get("near", []))
 
 
 class RuntimeConfig(Strict):
@@ -151,3 +162,12 @@ class MlflowConfig(Strict):
     #: None → sqlite:///{output}/mlflow.db (or $MLFLOW_TRACKING_URI when set)
     tracking_uri: str | None = None
     enabled: bool = True
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _not_in_ray_package(cls, v: str | None) -> str | None:
+        """A relative SQLite store inside a Ray job would live in its package copy, unseen by the next job."""
+        if v and v.startswith("sqlite:///") and not v.startswith("sqlite:////") and in_ray_package():
+            raise ValueError(f"{v!r} is a relative SQLite path inside this Ray job's package directory: give an absolute "
+                             "path (sqlite:////abs/mlflow.db) or a server URI, or submit with `oodlib submit`")
+        return v

@@ -6,6 +6,7 @@ typed results of the stages it declares in :meth:`Stage.needs` (``up["embed"].fe
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -33,6 +34,8 @@ class Context:
     head: Head
     scratch: Path
     detectors: list[DetectorConfig]
+    #: report progress of the running stage (the loop points it at the stage's heartbeat)
+    progress: Callable[[str], None] = print
 
     @property
     def root(self) -> Path:
@@ -61,6 +64,8 @@ class Child:
     params: dict
     metrics: dict[str, float]
     artifacts: list[Path] = field(default_factory=list)
+    #: the ``method`` tag ``oodlib compare`` groups by (default: the name)
+    method: str | None = None
 
 
 def per_set_metrics(rows: pd.DataFrame) -> dict[str, float]:
@@ -85,6 +90,20 @@ class StageResult:
     def children(self, ctx: Context) -> list[Child]:
         """MLflow child runs of this stage."""
         return []
+
+    def tables(self) -> dict[str, "pa.Table | ShardFiles"]:
+        """The published tables this stage contributes (:mod:`jobs.publish`): a small table by
+        value, or the files of content-keyed shards; tables of one name from several stages are
+        concatenated (e.g. ``quarantine``)."""
+        return {}
+
+
+@dataclass
+class ShardFiles:
+    """A sharded published table: the shard directories and the sub-directory of their Parquet files."""
+
+    shards: list[Path]
+    sub: str
 
 
 class Stage:

@@ -1,7 +1,8 @@
 """EMBED: one decode and one forward per image (plus the configured extras), sharded.
 
 Each image belongs to shard ``sha1(image_id) mod embed.num_shards``; a shard is committed under
-its own content key (``embed/shards/key=…``: its rows, the model, the preprocessing, the extras)
+its own content key (``tables/features/shard-…``: its rows, the model, the preprocessing, the extras —
+inside the published ``features`` Delta table, whose versions reference the shards of each run)
 and only new or changed shards are recomputed — within them, rows unchanged since the shard's
 last committed version are copied, so added images alone are embedded. The stage directory
 (``embed/key=…/index.json``) lists the shard directories; it is committed last.
@@ -20,7 +21,7 @@ from jobs.config import JobConfig
 from jobs.embed_pass import run_embed
 from jobs.extras import EXTRAS, ExtraSpec, upstream_stages, wanted_extras
 from jobs.runtime import init_ray
-from jobs.stages.base import Context, Stage, StageResult
+from jobs.stages.base import Context, ShardFiles, Stage, StageResult
 from jobs.workers import ModelSpec, StageStalled, gpus_per_actor, model_state_arrays
 
 SHARD_VERSION = 1
@@ -39,6 +40,11 @@ class EmbedResult(StageResult):
     @property
     def feature_dirs(self) -> list[Path]:
         return list(self.features.values())
+
+    def tables(self) -> dict:
+        quarantine = [d for d in self.quarantine if storage.committed_rows(d)]
+        return {"features": ShardFiles([d.parent for d in self.feature_dirs], "features"),
+                **({"quarantine": storage.read_table(quarantine).select(storage.QUARANTINE_SCHEMA.names)} if quarantine else {})}
 
 
 class EmbedStage(Stage):
@@ -64,7 +70,7 @@ class EmbedStage(Stage):
         return {"shards": sorted(self._keys.values())}
 
     def _shard_dir(self, ctx: Context, key: str) -> storage.StageDir:
-        return storage.StageDir(ctx.root / self.name / "shards", key)
+        return storage.StageDir(ctx.root / "tables" / "features", key, "shard-")
 
     def run(self, ctx: Context, up: dict, tmp: Path) -> None:
         cfg = ctx.cfg
@@ -86,8 +92,8 @@ class EmbedStage(Stage):
                 fresh[same] = False
                 reuse[s] = (prev, [self._identities[i].split("\x1f", 1)[0] for i in same])
         n_fresh = int(fresh[np.isin(self._shard_no, list(todo))].sum()) if todo else 0
-        print(f"[embed] recomputing {len(todo)} of {len(targets)} shards ({n_fresh} images to embed, "
-              f"{sum(len(r[1]) for r in reuse.values())} reused from earlier versions of those shards)", flush=True)
+        ctx.progress(f"recomputing {len(todo)} of {len(targets)} shards ({n_fresh} images to embed, "
+                     f"{sum(len(r[1]) for r in reuse.values())} reused from earlier versions of those shards)")
         if todo:
             self._embed_waves(ctx, todo, fresh, by_shard, reuse, latest)
         counts = self._counts(targets)
@@ -101,7 +107,7 @@ class EmbedStage(Stage):
         specs = tuple(ExtraSpec(n, p, None if self._states[n][0] is None else ray.put(self._states[n][0]))
                       for n, p in self._extras.items())
         spec = ModelSpec(cfg.model.name, ctx.model.num_classes, ray.put(model_state_arrays(ctx.model)), cfg.model.device, specs,
-                         cfg.data.max_image_bytes)
+                         cfg.data.max_image_bytes, ctx.model.preprocess)
         num_gpus = gpus_per_actor(cfg.embed.num_gpus_per_actor)
         if cfg.runtime.stall_timeout_s:  # an actor pool the cluster cannot place fails instead of waiting forever
             ray.data.DataContext.get_current().wait_for_min_actors_s = int(cfg.runtime.stall_timeout_s)
@@ -121,7 +127,7 @@ class EmbedStage(Stage):
                                    f"cluster has {ray.cluster_resources()} (runtime.stall_timeout_s sets the wait)") from None
             for s in wave:
                 shards.set_previous_shard(latest, s, todo[s].path)
-            print(f"[embed] committed {min(w + len(wave), len(order))} of {len(order)} shards", flush=True)
+            ctx.progress(f"committed {min(w + len(wave), len(order))} of {len(order)} shards")
 
     @staticmethod
     def _counts(targets: dict) -> dict:
@@ -136,4 +142,4 @@ class EmbedStage(Stage):
         dirs = shards.index_shards(path)
         # reused: nothing was recomputed this time
         counts = getattr(self, "_run_counts", None) or {**index["counts"], "shards_recomputed": 0, "images_embedded": 0}
-        return EmbedResult(path, {d.name.removeprefix("key="): d / "features" for d in dirs}, [d / "quarantine" for d in dirs], counts)
+        return EmbedResult(path, {storage.StageDir.of(d).key: d / "features" for d in dirs}, [d / "quarantine" for d in dirs], counts)

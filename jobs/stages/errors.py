@@ -1,9 +1,17 @@
-"""ERRORS: wrong-prediction risk — the conductance error detector, LCR (and its SPRT), their fusions.
+"""ERRORS: wrong-prediction risk — the conductance error detector, LCR (and its SPRT), their fusions
+— and failure detection the FD-Shifts way.
 
 Reads the ``conductance``/``lcr`` columns EMBED wrote for the ID splits and the labelled extra
 sets, splits the rows into the detector's fit/val/test parts (:func:`assign_parts`), fits and
 evaluates every detector (:func:`oodlib.errors.fit_and_evaluate`), and writes the ``risks``
 table, the seed paper's tables (4–6 and 3) and the AUROC-vs-mutants figure.
+
+Failure detection (:func:`failure_detection`): every error detector (confidence = 1 − risk) and
+the logit baselines of :mod:`oodlib.errors.failure` (from the stored logits; temperatures and
+Platt scaling fitted on the val part) on each failure source — ``iid`` (the ID test part),
+``corruption/<set>`` (the test part of each labelled extra set) and ``new-class/<set>`` (the
+correct ID test predictions plus an OOD set, every OOD image a failure) — with bootstrap
+intervals: the ``failure`` metrics rows, ``failure.md`` and one risk–coverage PNG per source.
 """
 from __future__ import annotations
 
@@ -20,8 +28,11 @@ from jobs import storage
 from jobs.config import JobConfig
 from jobs.stages.base import Child, Context, Stage, StageResult, per_set_metrics, rows_of
 from oodlib.errors import SPRT, auroc_vs_mutants, error_table, fit_and_evaluate, group_split, lcr_table, to_long_metrics
+from oodlib.errors.failure import LOGIT_METHODS, PROBABILITY_LOGIT_METHODS, FailureSource, LogitConfidences, calibrate, failure_table
+from oodlib.metrics import rc_curve
 from oodlib.reporting.errors import plot_auroc_vs_mutants
-from oodlib.reporting.tables import error_markdown
+from oodlib.reporting.failure import plot_risk_coverage
+from oodlib.reporting.tables import error_markdown, failure_markdown
 
 SPLITS = ("fit", "val", "test")
 
@@ -55,8 +66,13 @@ class ErrorsResult(StageResult):
     def metrics(self) -> pd.DataFrame:
         return self.table
 
+    def tables(self) -> dict:
+        return {"risks": pq.read_table(self.path / "risks.parquet")}
+
     def children(self, ctx: Context) -> list[Child]:
-        rows = self.table
+        """One child per method: its wrong-prediction metrics (``val.*``, ``test.*``) and its failure
+        metrics per source (``iid.aurc``, ``corruption/digits-c.augrc_lo`` …; NaN ones left out)."""
+        rows = self.table[(self.table.method != "model") & self.table.value.notna()]
         return [Child(f"error/{method}", {"errors": ctx.cfg.errors.model_dump_json()},
                       per_set_metrics(g))
                 for method, g in rows.groupby("method", sort=False)]
@@ -64,7 +80,7 @@ class ErrorsResult(StageResult):
 
 class ErrorsStage(Stage):
     name = "errors"
-    version = 3
+    version = 4
 
     def enabled(self, cfg: JobConfig) -> bool:
         return cfg.errors.enabled
@@ -74,7 +90,7 @@ class ErrorsStage(Stage):
 
     def key(self, ctx: Context, up: dict) -> dict:
         return {"features": sorted(up["embed"].features), "errors": ctx.cfg.errors.model_dump(), "id": ctx.cfg.data.id_dataset,
-                "tau": up["mutants"].tau}
+                "tau": up["mutants"].tau, "new_class": ctx.cfg.errors.new_class_sets(ctx.cfg.data.ood_groups)}
 
     def run(self, ctx: Context, up: dict, tmp: Path) -> None:
         cfg, e, tau = ctx.cfg, ctx.cfg.errors, up["mutants"].tau
@@ -112,6 +128,8 @@ class ErrorsStage(Stage):
         used_mean = float(np.mean(used))
         metrics = pd.concat([metrics, pd.DataFrame([{"task": "error", "method": "lcr_sprt", "dataset": "all",
                                                      "metric": "mutants_used_mean", "value": used_mean}])], ignore_index=True)
+        failure = failure_detection(cfg, up["embed"].feature_dirs, df, part, all_risk, res, tau, tmp)
+        metrics = pd.concat([metrics, failure], ignore_index=True)
         for name, frame in (("risks", all_risk), ("error_table", table), ("lcr_table", lcr_t3), ("metrics", metrics)):
             storage.write_table(pa.Table.from_pandas(frame, preserve_index=False), tmp, f"{name}.parquet")
         (tmp / "error_table.md").write_text(error_markdown(table, lcr_t3, used_mean, None if flips is None else flips.shape[1]))
@@ -125,6 +143,96 @@ class ErrorsStage(Stage):
 
     def load(self, ctx: Context, up: dict, path: Path) -> ErrorsResult:
         return ErrorsResult(path, pq.read_table(path / "metrics.parquet").to_pandas())
+
+
+#: error detectors whose risk is a classifier's probability of a wrong prediction: 1 − risk is used
+#: as a probability for the ECE as it is; the LCRs are rates and are Platt-scaled
+PROBABILITY_RISKS = ("conductance", "fusion_")
+
+
+def failure_detection(cfg: JobConfig, feature_dirs: list[Path], df: pd.DataFrame, part: np.ndarray, all_risk: pd.DataFrame,
+                      res, tau: float, out: Path) -> pd.DataFrame:
+    """The FD-Shifts failure table (metrics rows, task ``failure``) of every method on every failure
+    source; writes ``failure.md``, ``failure_confidences.parquet`` (the evaluated rows' confidences),
+    ``failure_calibration.json`` (fitted temperatures, Platt parameters) and
+    ``failure_rc_<source>.png`` into ``out``.
+
+    ``df``/``part``/``all_risk``: the ID and extra rows, their parts and risks (:meth:`ErrorsStage.run`);
+    ``res``: the fitted error detectors, applied here to the new-class sets' rows too.
+    """
+    import json
+
+    e, id_dataset = cfg.errors, cfg.data.id_dataset
+    keep = np.isin(part, ("val", "test"))
+    frame = all_risk[keep].reset_index(drop=True)
+    frame["label"] = df.label.to_numpy()[keep]
+    new_class = e.new_class_sets(cfg.data.ood_groups)
+    nc_df, nc_vec = read_error_rows(feature_dirs, new_class) if new_class else (pd.DataFrame(), {})
+    if len(nc_df):
+        nc = pd.DataFrame({"image_id": nc_df.image_id, "dataset": nc_df.dataset, "part": "new-class", "wrong": True,
+                           "label": nc_df.label})
+        nc["risk_conductance"] = res.conductance.risk(nc_vec["conductance"])
+        nc["risk_lcr"] = nc_df.lcr.to_numpy(np.float32)
+        nc["risk_lcr_sprt"] = (np.asarray(SPRT(tau).lcr(nc_vec["lcr_flips"] > 0.5)[0], np.float32) if "lcr_flips" in nc_vec
+                               else nc["risk_lcr"])
+        for kind, det in res.fusions.items():
+            nc[f"risk_fusion_{kind}"] = det.risk(np.column_stack([nc.risk_lcr, nc.risk_conductance]))
+        frame = pd.concat([frame, nc[frame.columns]], ignore_index=True)
+    logits = read_logits(feature_dirs, frame.image_id.to_numpy())
+    val = (frame.part == "val").to_numpy()
+    correct = ~frame.wrong.to_numpy(bool)
+    baselines = LogitConfidences.fit(logits[val], frame.label.to_numpy()[val])
+    confidence = baselines(logits)
+    for column in [c for c in frame.columns if c.startswith("risk_")]:
+        confidence[column.removeprefix("risk_")] = 1.0 - frame[column].to_numpy(np.float64)
+    probability, platt = {}, {}
+    for m, conf in confidence.items():
+        is_prob = m in PROBABILITY_LOGIT_METHODS or (m not in LOGIT_METHODS and m.startswith(PROBABILITY_RISKS))
+        cal = calibrate(conf[val], correct[val], is_prob)
+        probability[m] = conf if cal is None else cal(conf)
+        if cal is not None:
+            platt[m] = {"a": cal.a, "b": cal.b}
+
+    is_test = (frame.part == "test").to_numpy()
+    dataset = frame.dataset.to_numpy()
+    id_test = is_test & (dataset == id_dataset)
+    sources = [FailureSource("iid", "iid", np.flatnonzero(id_test), correct[id_test])]
+    for extra in [x for x in e.extra_datasets if x != id_dataset]:
+        m = is_test & (dataset == extra)
+        sources.append(FailureSource(f"corruption/{extra}", "corruption", np.flatnonzero(m), correct[m]))
+    for ood in new_class:
+        rows = np.flatnonzero(id_test | (dataset == ood))
+        is_ood = dataset[rows] == ood
+        sources.append(FailureSource(f"new-class/{ood}", "new-class", rows, correct[rows], strata=is_ood,
+                                     exclude=~is_ood & ~correct[rows]))
+    empty = [s.name for s in sources if not s.kept().any()]
+    if empty:
+        print(f"[errors] failure sources without rows, skipped: {empty}", flush=True)
+    sources = [s for s in sources if s.kept().any()]
+    print(f"[errors] failure detection on {', '.join(f'{s.name} ({int(s.kept().sum())})' for s in sources)}; "
+          f"{len(confidence)} methods, {e.n_bootstrap} bootstrap resamples", flush=True)
+    table = failure_table(sources, confidence, probability, n_bootstrap=e.n_bootstrap, seed=e.seed)
+
+    for s in sources:
+        rows = s.rows[s.kept()]
+        curves = {m: rc_curve(confidence[m][rows], correct[rows]) for m in confidence}
+        plot_risk_coverage(curves, out / f"failure_rc_{s.name.replace('/', '_')}.png", dashed=tuple(m for m in confidence if m not in LOGIT_METHODS),
+                           title=f"{cfg.experiment}: {s.name} (N = {len(rows)}, accuracy {100 * correct[rows].mean():.1f}%)",
+                           accuracy=float(correct[rows].mean()))
+    conf_frame = frame[["image_id", "dataset", "part"]].assign(correct=correct, **{f"conf_{m}": v.astype(np.float32) for m, v in confidence.items()})
+    storage.write_table(pa.Table.from_pandas(conf_frame, preserve_index=False), out, "failure_confidences.parquet")
+    (out / "failure_calibration.json").write_text(json.dumps({"logit_baselines": baselines.params(), "platt": platt}, indent=2))
+    (out / "failure.md").write_text(failure_markdown(table) + "\n")
+    return table
+
+
+def read_logits(feature_dirs: list[Path], image_ids: np.ndarray) -> np.ndarray:
+    """The stored logits (N×C float32) of ``image_ids``, in that order."""
+    table = storage.read_table(feature_dirs, ["image_id", "logits"], filter=pc.field("image_id").isin(pa.array(image_ids, pa.string())))
+    pos = pd.Index(table.column("image_id").to_numpy(zero_copy_only=False)).get_indexer(image_ids)
+    if (pos < 0).any():
+        raise ValueError(f"{int((pos < 0).sum())} rows have no logits in the features table")
+    return storage.vector_to_numpy(table.column("logits"))[pos]
 
 
 def read_error_rows(feature_dirs: list[Path], datasets: list[str]) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:

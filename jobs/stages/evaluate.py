@@ -1,5 +1,6 @@
-"""EVALUATE: the ``metrics`` table (task, method, dataset, metric, value; fractions), the printed
-results table (``results.md``, percent) and one ROC/histogram PNG per detector."""
+"""EVALUATE: the ``metrics`` table (task, method, dataset, metric, value; fractions; per OOD set,
+per ``data.ood_groups`` group and ``avg``), the printed results table (``results.md``, percent)
+and one ROC/histogram PNG per detector."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -34,8 +35,16 @@ class EvaluateResult(StageResult):
         for d in ctx.detectors:
             rows = self.table[(self.table.task == "ood") & (self.table.method == d.key)]
             params = {"detector": d.name, **detectors[d.key].params()}
-            out.append(Child(d.key, params, per_set_metrics(rows), [self.path / "plots" / f"{d.key}.png"]))
+            out.append(Child(run_name(d.key, d.name, detectors[d.key].params()), params, per_set_metrics(rows),
+                             [self.path / "plots" / f"{d.key}.png"], method=d.key))
         return out
+
+
+def run_name(column: str, detector: str, params: dict) -> str:
+    """A child run's name that says what it is: ``knn(k=50)``, ``line_no_wp = line(p_w=None, …)``."""
+    args = ", ".join(f"{k}={v}" for k, v in params.items())
+    call = f"{detector}({args})"
+    return call if column == detector else f"{column} = {call}"
 
 
 class EvaluateStage(Stage):
@@ -46,12 +55,15 @@ class EvaluateStage(Stage):
         return ("score",)
 
     def key(self, ctx: Context, up: dict) -> dict:
-        return {"scores": up["score"].path.name, "id": ctx.cfg.data.id_dataset, "ood": ctx.cfg.data.ood_datasets}
+        key = {"scores": up["score"].path.name, "id": ctx.cfg.data.id_dataset, "ood": ctx.cfg.data.ood_datasets}
+        if ctx.cfg.data.ood_groups:  # only when set: a config without groups keeps its committed result
+            key["groups"] = ctx.cfg.data.ood_groups
+        return key
 
     def run(self, ctx: Context, up: dict, tmp: Path) -> None:
         data = ctx.cfg.data
         scores = up["score"].read()
-        rows = ood_metric_rows(scores, data.id_dataset, data.ood_datasets) + classify_rows(scores, data.id_dataset)
+        rows = ood_metric_rows(scores, data.id_dataset, data.ood_datasets, data.ood_groups) + classify_rows(scores, data.id_dataset)
         metrics = pa.Table.from_pylist(rows, schema=METRICS_SCHEMA)
         storage.write_table(metrics, tmp, "metrics.parquet")
         plot_roc_and_histograms(scores, data.id_dataset, data.ood_datasets, tmp / "plots")

@@ -76,11 +76,12 @@ class ExplainStage(Stage):
             "n": ex.localization_images, "methods": ex.methods + [f"ae[{k}]" for k in AE_ABLATION],
             "data": None if ex.localization_data is None else ex.localization_data.model_dump(mode="json"),
         } if ex.localization else None
-        print(f"[explain] {len(chosen)} images × {len(ex.methods)} methods"
-              + (f"; localization benchmark on {ex.localization_images} images" if localization else ""), flush=True)
+        ctx.progress(f"{len(chosen)} images × {len(ex.methods)} methods"
+                     + (f"; localization benchmark on {ex.localization_images} images" if localization else ""))
         task = ray.remote(explain_task).options(num_gpus=gpus_per_actor(ctx.cfg.embed.num_gpus_per_actor), num_cpus=1)
-        result = ray.get(task.remote(ray.put(model_state_arrays(model)), model.name, model.num_classes, rows.column("image").to_pylist(),
-                                     rows.column("path").to_pylist(), ex.methods, localization, ctx.cfg.data.max_image_bytes))
+        result = ray.get(task.remote(ray.put(model_state_arrays(model)), model.name, model.num_classes, model.preprocess,
+                                     rows.column("image").to_pylist(), rows.column("path").to_pylist(), ex.methods, localization,
+                                     ctx.cfg.data.max_image_bytes))
         labels = np.asarray(rows.column("label").to_pylist())
         storage.write_table(maps_table(chosen, labels, result["maps"], result["pred"]), tmp, "maps.parquet")
         pics = display_images(result["inputs"], model.preprocess)
@@ -99,11 +100,11 @@ class ExplainStage(Stage):
         return ExplainResult(path, artifacts)
 
 
-def explain_task(spec_state: dict, model_name: str, num_classes: int, images: list, paths: list, methods: list[str],
+def explain_task(spec_state: dict, model_name: str, num_classes: int, preprocess, images: list, paths: list, methods: list[str],
                  localization: dict | None, max_bytes: int):
     """Runs in a Ray task: decode, compute maps, and (optionally) the localization benchmark."""
     device = resolve_device("auto")
-    model = rebuild_model(model_name, num_classes, spec_state, device)
+    model = rebuild_model(model_name, num_classes, spec_state, device, preprocess)
     x, reasons = decode_batch(images, paths, model.preprocess, max_bytes)
     maps, preds = compute_maps(model, x.to(device), methods)
     result = {"maps": maps, "pred": preds, "reasons": reasons, "inputs": x.numpy()}

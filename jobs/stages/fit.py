@@ -42,9 +42,10 @@ class FitStage(Stage):
         return ("manifest", "embed")
 
     def key(self, ctx: Context, up: dict) -> dict:
-        train = rows_of(up["manifest"].rows, ctx.cfg.data.id_dataset, "train")
-        return {"model": ctx.model_hash, "train": rows_hash(train), "detectors": [d.model_dump() for d in ctx.detectors],
-                "preprocess": repr(ctx.model.preprocess)}
+        splits = sorted({"train"} | {det.fit_split for det in ctx.build_detectors().values()})
+        rows = {s: rows_hash(rows_of(up["manifest"].rows, ctx.cfg.data.id_dataset, s)) for s in splits}
+        return {"model": ctx.model_hash, "train": rows.pop("train"), **({"splits": rows} if rows else {}),
+                "detectors": [d.model_dump() for d in ctx.detectors], "preprocess": repr(ctx.model.preprocess)}
 
     def run(self, ctx: Context, up: dict, tmp: Path) -> None:
         init_ray()
@@ -56,12 +57,12 @@ class FitStage(Stage):
             raise storage.DamagedError(f"FIT read {stats.moments.counts.sum()} ID-train feature rows; the manifest has "
                                        f"{expected} usable ones that EMBED did not quarantine")
 
-        def load_train() -> tuple[np.ndarray, np.ndarray]:
-            train = (pc.field("dataset") == id_dataset) & (pc.field("split") == "train")
-            table = storage.read_table(dirs, ["features", "label"], filter=train)
+        def load_split(split: str) -> tuple[np.ndarray, np.ndarray]:
+            rows = (pc.field("dataset") == id_dataset) & (pc.field("split") == split)
+            table = storage.read_table(dirs, ["features", "label"], filter=rows)
             return storage.vector_to_numpy(table.column("features")), table.column("label").to_numpy()
 
-        fit_detectors(detectors, stats, ctx.head, load_train)
+        fit_detectors(detectors, stats, ctx.head, load_split)
         save_fitted(tmp, ctx.head, stats, detectors)
 
     def load(self, ctx: Context, up: dict, path: Path) -> FitResult:
@@ -125,15 +126,17 @@ def train_stats(ctx: Context, feature_dirs: list[Path], needed: set[str]) -> Fit
 
 
 def fit_detectors(
-    detectors: dict[str, Detector], stats: FitStats, head: Head, load_train: Callable[[], tuple[np.ndarray, np.ndarray]]
+    detectors: dict[str, Detector], stats: FitStats, head: Head, load_split: Callable[[str], tuple[np.ndarray, np.ndarray]]
 ) -> None:
-    """Fit every detector: on the feature bank when it needs one (loaded at most once), else from
-    the merged statistics."""
-    bank = None
+    """Fit every detector: on the rows of its ``fit_split`` when it needs them (a bank of
+    features, or the ID val split for e.g. a fitted temperature; each split loaded at most once),
+    else from the merged ID-train statistics."""
+    banks: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for det in detectors.values():
-        if "bank" in det.fit_needs:
-            bank = bank if bank is not None else load_train()
-            det.fit(bank[0], bank[1], head)
+        if "bank" in det.fit_needs or det.fit_split != "train":
+            if det.fit_split not in banks:
+                banks[det.fit_split] = load_split(det.fit_split)
+            det.fit(*banks[det.fit_split], head)
         else:
             det.fit_stats(stats, head)
 

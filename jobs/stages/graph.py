@@ -32,6 +32,9 @@ class GraphResult(StageResult):
     def metrics(self) -> pd.DataFrame:
         return self.table
 
+    def tables(self) -> dict:
+        return {"graph_scores": pq.read_table(self.path / "graph_scores.parquet")}
+
     def children(self, ctx: Context) -> list[Child]:
         params = ctx.cfg.graph.model_dump(exclude={"ablations", "enabled"})
         return [Child(f"lt/{method}", {"variant": method, **params}, per_set_metrics(g))

@@ -33,9 +33,12 @@ class ManifestResult(StageResult):
         return {"input": self.rows.num_rows + self.quarantined.num_rows, "usable": self.rows.num_rows,
                 "quarantined": self.quarantined.num_rows}
 
+    def tables(self) -> dict:
+        return {"quarantine": self.quarantined}
+
     def hash(self) -> str:
         """Content hash of the usable rows."""
-        return self.path.name.removeprefix("key=")
+        return storage.StageDir.of(self.path).key
 
 
 class ManifestStage(Stage):
@@ -76,8 +79,8 @@ class ManifestStage(Stage):
         quarantined = pq.read_table(path / "quarantine.parquet")
         source = str(ctx.cfg.data.manifest) if ctx.cfg.data.source == "manifest" else str(path / "rows.parquet")
         counts = json.loads((path / "counts.json").read_text())
-        print(f"[manifest] {counts['manifest_rows']} images in {source}; {rows.num_rows + quarantined.num_rows} for this job, "
-              f"{quarantined.num_rows} quarantined (bad manifest rows)", flush=True)
+        ctx.progress(f"{counts['manifest_rows']} images in {source}; {rows.num_rows + quarantined.num_rows} for this job, "
+                     f"{quarantined.num_rows} quarantined (bad manifest rows)")
         return ManifestResult(path, rows, quarantined, source)
 
 
@@ -108,8 +111,8 @@ def folders_table(cfg: JobConfig) -> pa.Table:
             patterns = ("test_batch.bin", "test.bin") if s.split == "test" else ("data_batch_*.bin", "train.bin")
             files = [f for p in patterns for f in sorted(Path(s.root).glob(p))]
             t = manifest_from_cifar_binary(files, s.dataset, s.split, 100 if s.kind == "cifar100-binary" else 10, s.ood)
-        if s.imbalance_ratio:
-            train_idx, val_idx, _ = long_tail_split(t.column("label").to_numpy(), s.imbalance_ratio, val_per_class=s.val_per_class)
+        if s.imbalance_ratio or s.val_per_class:  # a long tail, or just a held-out balanced val split
+            train_idx, val_idx, _ = long_tail_split(t.column("label").to_numpy(), s.imbalance_ratio or 1.0, val_per_class=s.val_per_class)
             tables += [t.take(pa.array(train_idx)), as_val_split(t.take(pa.array(val_idx)))]
         else:
             tables.append(t)

@@ -60,7 +60,7 @@ class MutantsStage(Stage):
         ok = np.array([r is None for r in reasons])
         y, is_id = labels_of(val)[ok], is_id[ok]
         m = e.mutants
-        print(f"[mutants] searching {m.n_accepted} mutants ({m.operator} {m.rate}) on {int(is_id.sum())} ID val images", flush=True)
+        ctx.progress(f"searching {m.n_accepted} mutants ({m.operator} {m.rate}) on {int(is_id.sum())} ID val images")
         try:
             mutants = generate_mutants(model, x[is_id], y[is_id], m.operator, m.rate, m.n_accepted, m.max_tries)
         except RuntimeError as exc:  # the rejection-sampling cap: a config problem, not a crash
@@ -79,6 +79,6 @@ class MutantsStage(Stage):
         table = pd.read_parquet(path / "mutants.parquet")
         info = json.loads((path / "sprt.json").read_text())
         m = ctx.cfg.errors.mutants
-        print(f"[mutants] {info['accepted']} accepted, {info['rejected']} rejected ({m.operator} {m.rate}); SPRT τ = "
-              f"{info['tau']:.4f} from {info['tau_rows']} correct validation predictions", flush=True)
+        ctx.progress(f"{info['accepted']} accepted, {info['rejected']} rejected ({m.operator} {m.rate}); SPRT τ = "
+                     f"{info['tau']:.4f} from {info['tau_rows']} correct validation predictions")
         return MutantsResult(path, table.to_dict("list"), info["tau"], info)

@@ -3,7 +3,8 @@
 Cheap and CPU-only: a pool of actors (one per CPU, the fitted detectors rebuilt once per actor
 from their arrays in the object store), each reading, scoring and writing whole shards. Columns: ``image_id, dataset, split, label, subset, pred`` and one
 float32 ``score_<key>`` per configured detector. Sharded like EMBED: a shard is keyed by the FIT
-key and its EMBED shard, so new images score only their shards (``score/shards/key=…``); the
+key and its EMBED shard, so new images score only their shards (``tables/scores/shard-…``, inside the
+published ``scores`` Delta table); the
 stage directory (``score/key=…/index.json``) lists them.
 """
 from __future__ import annotations
@@ -19,7 +20,7 @@ from jobs import shards, storage
 from jobs.config import JobConfig
 from jobs.runtime import init_ray
 from jobs.shards import commit_shard
-from jobs.stages.base import Context, Stage, StageResult
+from jobs.stages.base import Context, ShardFiles, Stage, StageResult
 from jobs.storage import StageDir, parquet_rows, vector_to_numpy
 from jobs.workers import cluster_cpus, fetch, ordered_map
 from oodlib.detectors import Detector, ScoreInputs
@@ -104,6 +105,9 @@ def run_score(ctx: Context, features: dict[str, Path], targets: dict[str, StageD
 class ScoreResult(StageResult):
     dirs: list[Path]  # the ``scores`` directory of every shard
 
+    def tables(self) -> dict:
+        return {"scores": ShardFiles([d.parent for d in self.dirs], "scores")}
+
     def read(self, columns: list[str] | None = None):
         """The whole scores table as a DataFrame (``dataset`` as str)."""
         df = storage.read_table(self.dirs, columns).to_pandas()
@@ -126,16 +130,20 @@ class ScoreStage(Stage):
 
     def run(self, ctx: Context, up: dict, tmp: Path) -> None:
         features = up["embed"].features
-        targets = {e: StageDir(ctx.root / self.name / "shards", k) for e, k in self._keys.items()}
+        targets = {e: self._shard_dir(ctx, k) for e, k in self._keys.items()}
         todo = {e: t for e, t in targets.items() if not t.committed()}
-        print(f"[score] recomputing {len(todo)} of {len(targets)} shards", flush=True)
+        ctx.progress(f"recomputing {len(todo)} of {len(targets)} shards")
         if todo:
             init_ray()
             run_score(ctx, {e: features[e] for e in todo}, todo, up["fit"].detectors)
         shards.write_index(tmp, [targets[e].path for e in sorted(targets)], ctx.root, {})
 
     def intact(self, ctx: Context, up: dict, path: Path) -> bool:
-        return all(StageDir(ctx.root / self.name / "shards", k).committed() for k in self._keys.values())
+        return all(self._shard_dir(ctx, k).committed() for k in self._keys.values())
+
+    @staticmethod
+    def _shard_dir(ctx: Context, key: str) -> StageDir:
+        return StageDir(ctx.root / "tables" / "scores", key, "shard-")
 
     def load(self, ctx: Context, up: dict, path: Path) -> ScoreResult:
         return ScoreResult(path, shards.index_dirs(path, "scores"))

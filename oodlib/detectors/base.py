@@ -56,6 +56,9 @@ class Detector(Estimator):
 
     requires: ClassVar[tuple[str, ...]] = ("logits",)
     fit_needs: ClassVar[tuple[str, ...]] = ()
+    #: the ID split the detector is fitted on: ``train``, or ``val`` for what is fitted on held-out
+    #: data (a temperature by NLL); a non-train split is always fitted with ``fit`` on its rows
+    fit_split: ClassVar[str] = "train"
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)

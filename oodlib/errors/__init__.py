@@ -6,7 +6,9 @@ detectors on them and their evaluation (the seed paper's tables).
 * :mod:`~oodlib.errors.lcr` — batched LCR with the SPRT early stop;
 * :mod:`~oodlib.errors.detectors` — :class:`ErrorDetector` (the estimator contract, ``risk``:
   higher = more likely wrong), :class:`ConductanceErrorDetector`, :class:`FusionDetector`;
-* :mod:`~oodlib.errors.evaluation` — tables, splits and :func:`fit_and_evaluate`.
+* :mod:`~oodlib.errors.evaluation` — tables, splits and :func:`fit_and_evaluate`;
+* :mod:`~oodlib.errors.failure` — failure detection the FD-Shifts way: logit confidence baselines,
+  temperature/Platt calibration, per-failure-source metrics with bootstrap intervals.
 
 ``ERROR_DETECTORS``: {registry name: class} of the registered error detectors. Plots live in
 :mod:`oodlib.reporting.errors`.

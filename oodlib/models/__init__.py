@@ -5,7 +5,9 @@ from pathlib import Path
 
 from oodlib.data.preprocess import Preprocess
 from oodlib.models.base import ModelAdapter
-from oodlib.models.torchvision_models import TORCHVISION_MODELS, WeightsError, build_torchvision, load_state_dict_file
+from oodlib.models.torchvision_models import (
+    TORCHVISION_MODELS, WeightsError, build_torchvision, head_classes, load_state_dict_file,
+)
 
 MODELS = ("digits-cnn", "densenet-bc-100", *TORCHVISION_MODELS)
 
@@ -13,30 +15,40 @@ MODELS = ("digits-cnn", "densenet-bc-100", *TORCHVISION_MODELS)
 def load_model(
     name: str,
     weights: str | Path | None = None,
-    num_classes: int = 1000,
+    num_classes: int | None = None,
     preprocess: Preprocess | None = None,
     cache_dir: str | Path | None = None,
 ) -> ModelAdapter:
     """Build model ``name`` with its weights.
 
     ``digits-cnn`` trains on first use (cached under ``cache_dir``) unless ``weights`` names a
-    file; torchvision models take a file or a weights name (see :func:`build_torchvision`).
+    file; torchvision models take a file or a weights name (see :func:`build_torchvision`);
+    ``num_classes`` None = from the weights (else 1000); ``preprocess`` None = the model's own.
     """
     if name == "digits-cnn":
         from oodlib.models.digits_cnn import build_digits_cnn, trained_digits_cnn
 
         if weights is None:
-            return trained_digits_cnn(cache_dir=cache_dir)
+            return with_preprocess(trained_digits_cnn(cache_dir=cache_dir), preprocess)
         model = build_digits_cnn()
         model.load_state_dict(load_state_dict_file(weights))
-        return model.eval()
+        return with_preprocess(model.eval(), preprocess)
     if name == "densenet-bc-100":
         from oodlib.models.densenet_bc import build_densenet_bc100
 
-        return build_densenet_bc100(num_classes, weights)
+        if num_classes is None:
+            num_classes = head_classes(load_state_dict_file(weights)) if weights is not None else 1000
+        return with_preprocess(build_densenet_bc100(num_classes, weights), preprocess)
     if name in TORCHVISION_MODELS:
         return build_torchvision(name, weights, num_classes, preprocess)
     raise KeyError(f"unknown model {name!r}; known: {MODELS}")
+
+
+def with_preprocess(model: ModelAdapter, preprocess: Preprocess | None) -> ModelAdapter:
+    """``model`` with ``preprocess`` (None keeps its own)."""
+    if preprocess is not None:
+        model.preprocess = preprocess
+    return model
 
 
 def build_model(name: str, num_classes: int = 1000, preprocess: Preprocess | None = None) -> ModelAdapter:
@@ -44,11 +56,11 @@ def build_model(name: str, num_classes: int = 1000, preprocess: Preprocess | Non
     if name == "digits-cnn":
         from oodlib.models.digits_cnn import build_digits_cnn
 
-        return build_digits_cnn().eval()
+        return with_preprocess(build_digits_cnn().eval(), preprocess)
     if name == "densenet-bc-100":
         from oodlib.models.densenet_bc import build_densenet_bc100
 
-        return build_densenet_bc100(num_classes).eval()
+        return with_preprocess(build_densenet_bc100(num_classes).eval(), preprocess)
     if name in TORCHVISION_MODELS:
         return build_torchvision(name, None, num_classes, preprocess)
     raise KeyError(f"unknown model {name!r}; known: {MODELS}")

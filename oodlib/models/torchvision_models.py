@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from oodlib.data.preprocess import CIFAR_PREPROCESS, IMAGENET_PREPROCESS, Preprocess
+from oodlib.data.preprocess import IMAGENET_PREPROCESS, Preprocess
 from oodlib.models.base import ModelAdapter
 
 TORCHVISION_MODELS = ("resnet18", "resnet50", "densenet121", "mobilenet_v2", "vgg16")
@@ -82,14 +82,15 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
 def build_torchvision(
     name: str,
     weights: str | Path | None = None,
-    num_classes: int = 1000,
+    num_classes: int | None = None,
     preprocess: Preprocess | None = None,
 ) -> ModelAdapter:
     """A torchvision classifier as an adapter.
 
     ``weights``: a file path, a torchvision weights enum name (``"IMAGENET1K_V1"``, needs a
     download the first time), or None for random initialization (tests, benchmarks).
-    ``preprocess`` defaults to ImageNet 224px (CIFAR 32px when ``num_classes`` is 10 or 100).
+    ``num_classes`` None: read from the weights file's head (else 1000). ``preprocess`` defaults
+    to ImageNet's (224 px crop of a 256 px resize); other inputs say so (``model.preset`` …).
     """
     if name not in _SPLITTERS:
         raise KeyError(f"unknown model {name!r}; known: {TORCHVISION_MODELS}")
@@ -105,13 +106,22 @@ def build_torchvision(
                 "download them where the network allows and set model.weights to the local file"
             ) from exc
     else:
+        state = load_state_dict_file(weights) if weights is not None else None
+        if num_classes is None:
+            num_classes = head_classes(state) if state is not None else 1000
         net = builder(weights=None, num_classes=num_classes)
-        if weights is not None:
+        if state is not None:
             try:
-                net.load_state_dict(load_state_dict_file(weights))
+                net.load_state_dict(state)
             except RuntimeError as exc:
                 raise WeightsError(f"weights file {weights} does not fit {name} with {num_classes} classes: {exc}") from exc
     backbone, head, layers, default_layer = _SPLITTERS[name](net)
-    if preprocess is None:
-        preprocess = CIFAR_PREPROCESS if num_classes in (10, 100) else IMAGENET_PREPROCESS
-    return ModelAdapter(name, backbone, head, layers, default_layer, preprocess).eval()
+    return ModelAdapter(name, backbone, head, layers, default_layer, preprocess or IMAGENET_PREPROCESS).eval()
+
+
+def head_classes(state: dict) -> int:
+    """Classes of a classifier state dict: rows of its last 2-D weight (the linear head)."""
+    weights = [v for k, v in state.items() if k.endswith("weight") and getattr(v, "ndim", 0) == 2]
+    if not weights:
+        raise WeightsError("cannot tell the number of classes: the weights have no linear head; set model.num_classes")
+    return int(weights[-1].shape[0])

@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import pandas as pd
 
-from oodlib.metrics import OOD_METRICS
+from oodlib.metrics import FAILURE_METRICS, OOD_METRICS
+
+#: printed names and scale of the failure metrics (areas ×1000 as FD-Shifts prints them, rates in percent)
+FAILURE_COLUMNS = {"aurc": ("AURC", 1000), "e_aurc": ("E-AURC", 1000), "augrc": ("AUGRC", 1000),
+                   "auroc_f": ("AUROC_f", 100), "fpr95_f": ("FPR@95_f", 100), "ece": ("ECE", 100)}
 
 
 def results_markdown(metrics: pd.DataFrame) -> str:
-    """Per task: OOD set × method table (percent) — ``ood`` (feature/logit detectors) and
-    ``ood-lt`` (long-tailed graph variants, with ID accuracy) — then ID accuracy lines."""
+    """Per task: OOD set × method table (percent) — ``ood`` (feature/logit detectors; OOD sets, then
+    the ``data.ood_groups`` groups, then ``avg``) and ``ood-lt`` (long-tailed graph variants, with
+    ID accuracy) — the wrong-prediction table, the failure-detection tables per failure source
+    (:func:`failure_markdown`), then ID accuracy lines."""
     lines: list[str] = []
     for task, title in (("ood", "OOD detection"), ("ood-lt", "Long-tailed OOD (graph stage)")):
         rows = metrics[metrics.task == task]
@@ -28,9 +34,39 @@ def results_markdown(metrics: pd.DataFrame) -> str:
         lines += ["### Wrong-prediction detection (wrong = positive; recalls at the equal-recall threshold fitted on val)", "",
                   "| method | " + " | ".join(f"{d} {m}" for d, m in cols) + " |", "|---|" + "---:|" * len(cols)]
         lines += [f"| {method} | " + " | ".join(f"{row[c]:.4f}" for c in cols) + " |" for method, row in wide.iterrows()] + [""]
+    if (metrics.task == "failure").any():
+        lines += [failure_markdown(metrics), ""]
     acc = metrics[metrics.task == "classify"]
     lines += ["| ID set | accuracy |", "|---|---:|"] + [f"| {r.dataset} | {100 * r.value:.2f} |" for r in acc.itertuples()]
     return "\n".join(lines)
+
+
+def failure_markdown(metrics: pd.DataFrame) -> str:
+    """The FD-Shifts failure-detection tables of the ``failure`` rows: one table per failure source
+    (its N and accuracy in the heading), one row per method, each metric with its bootstrap 95%
+    interval in brackets when there is one."""
+    rows = metrics[metrics.task == "failure"]
+    value = {(r.dataset, r.method, r.metric): r.value for r in rows.itertuples()}
+
+    def cell(source: str, method: str, metric: str) -> str:
+        scale = FAILURE_COLUMNS[metric][1]
+        v = value.get((source, method, metric), float("nan"))
+        text = "–" if pd.isna(v) else f"{scale * v:.2f}"
+        lo, hi = value.get((source, method, f"{metric}_lo")), value.get((source, method, f"{metric}_hi"))
+        if lo is not None and hi is not None and not (pd.isna(lo) or pd.isna(hi)):
+            text += f" [{scale * lo:.2f}, {scale * hi:.2f}]"
+        return text
+
+    lines = ["### Failure detection (FD-Shifts): AURC, E-AURC, AUGRC ×1000 (lower is better), AUROC_f, FPR@95_f "
+             "and ECE in percent; [bootstrap 95% interval]; confidence = the score, or 1 − risk for the error detectors", ""]
+    for source in rows.dataset.drop_duplicates():
+        n, acc = value.get((source, "model", "n")), value.get((source, "model", "acc"))
+        head = f"#### {source}" + (f" — N = {int(n)}, accuracy {100 * acc:.2f}%" if n is not None and acc is not None else "")
+        lines += [head, "", "| method | " + " | ".join(FAILURE_COLUMNS[m][0] for m in FAILURE_METRICS) + " |",
+                  "|---|" + "---:|" * len(FAILURE_METRICS)]
+        methods = rows[(rows.dataset == source) & (rows.method != "model")].method.drop_duplicates()
+        lines += [f"| {m} | " + " | ".join(cell(source, m, k) for k in FAILURE_METRICS) + " |" for m in methods] + [""]
+    return "\n".join(lines).rstrip()
 
 
 def error_markdown(table: pd.DataFrame, lcr_t3: pd.DataFrame, used_mean: float, n_mutants: int | None) -> str:

@@ -30,16 +30,25 @@ def _problem(seed: int = 0):
 
 
 class DetectorCase:
-    """OOD detectors: fit(features, labels, head) → score(ScoreInputs) (N,) float32."""
+    """OOD detectors: fit(features, labels, head) → score(ScoreInputs) (N,) float32. EMBED columns
+    are random (N,) floats, or what the detector's ``contract_extras(n, rng)`` draws (vector
+    columns with a per-layer layout); a detector fitted on them (``fit_columns``) gets them in fit."""
+
+    @staticmethod
+    def extras(est, rng):
+        if hasattr(est, "contract_extras"):
+            return est.contract_extras(N, rng)
+        return {c: rng.random(N).astype(np.float32) for c in est.requires if c not in ("features", "logits")}
 
     def fit(self, est):
-        _, h, y, head = _problem()
+        rng, h, y, head = _problem()
+        if getattr(est, "fit_columns", ()):
+            return est.fit(h, y, head, extras=self.extras(est, rng))
         return est.fit(h, y, head)
 
     def output(self, est):
         rng, h, _, head = _problem(1)
-        extras = {c: rng.random(N).astype(np.float32) for c in est.requires if c not in ("features", "logits")}
-        return est.score(ScoreInputs(h, head.logits(h), extras))
+        return est.score(ScoreInputs(h, head.logits(h), self.extras(est, rng)))
 
 
 class ErrorCase:

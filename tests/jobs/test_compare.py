@@ -303,7 +303,7 @@ def test_report_prints_last_run(tmp_path, capsys, monkeypatch):
 def test_cli_run_forwards_flags(monkeypatch, tmp_path):
     seen = {}
     fake = types.ModuleType("jobs.pipeline")  # stands in for the job (no torch/Ray import here)
-    fake.run = lambda cfg, schedule, config_path: seen.update(cfg=cfg, schedule=schedule, config=config_path)
+    fake.run = lambda cfg, schedule, config_path, overrides: seen.update(cfg=cfg, schedule=schedule, config=config_path, sets=overrides)
     monkeypatch.setitem(sys.modules, "jobs.pipeline", fake)
     monkeypatch.setattr("jobs.pipeline", fake, raising=False)
     (tmp_path / "c.yaml").write_text("experiment: e\n")

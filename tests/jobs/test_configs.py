@@ -20,8 +20,11 @@ CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"
 def test_shipped_config_validates(path, tmp_path):
     text = path.read_text().replace("/data/", f"{tmp_path}/data/")
     raw = yaml.safe_load(text)
-    for s in raw.get("data", {}).get("sets", []):  # create the placeholder roots
+    for s in raw.get("data", {}).get("sets", []):  # create the placeholder roots (and list files)
         Path(s["root"]).mkdir(parents=True, exist_ok=True)
+        if s.get("list_file"):
+            Path(s["list_file"]).parent.mkdir(parents=True, exist_ok=True)
+            Path(s["list_file"]).touch()
     truth = raw.get("explain", {}).get("localization_data")
     if truth:  # placeholder ground truth: the list file and the masks / annotations folder
         Path(truth["list_file"]).parent.mkdir(parents=True, exist_ok=True)
@@ -119,3 +122,37 @@ def test_localization_ground_truth_validated(tmp_path):
     cfg = parse_config({**base, "model": {"name": "resnet18"},
                         "explain": {**base["explain"], "localization_data": {**truth, "masks_dir": str(tmp_path / "masks")}}})
     assert cfg.explain.localization_data.masks_dir == tmp_path / "masks" and cfg.explain.localization_data.tolerance == 0
+
+
+def test_ood_groups_validated():
+    from jobs.config import ConfigError
+
+    base = {"experiment": "g", "data": {"ood_datasets": ["digits-near", "photo-patches", "noise"]}}
+    cfg = parse_config({**base, "data": {**base["data"], "ood_groups": {"near": ["digits-near"], "far": ["photo-patches", "noise"]}}})
+    assert cfg.data.ood_groups["far"] == ["photo-patches", "noise"] and parse_config(base).data.ood_groups == {}
+    for groups, message in [({"near": ["cifar"]}, "data.ood_groups.near"), ({"avg": ["noise"]}, "neither 'avg'"),
+                            ({"noise": ["noise"]}, "neither 'avg'"), ({"near": []}, "data.ood_groups.near"),
+                            ({"a b": ["noise"]}, "group name")]:
+        with pytest.raises(ConfigError, match=message):
+            parse_config({**base, "data": {**base["data"], "ood_groups": groups}})
+    # the new-class failure sources: the near group by default, or errors.new_class_datasets (OOD sets only)
+    errors = {"enabled": True}
+    cfg = parse_config({**base, "data": {**base["data"], "ood_groups": {"near": ["digits-near"]}}, "errors": errors})
+    assert cfg.errors.new_class_sets(cfg.data.ood_groups) == ["digits-near"]
+    assert cfg.errors.new_class_sets({}) == []
+    with pytest.raises(ConfigError, match="errors.new_class_datasets"):
+        parse_config({**base, "errors": {**errors, "new_class_datasets": ["digits"]}})
+
+
+def test_model_preprocessing_fields_validated_and_applied(tmp_path):
+    from jobs.config import ConfigError
+
+    cfg = parse_config({"experiment": "x", "model": {"name": "resnet18", "preset": "cifar", "input_size": 36, "resize": 40}})
+    from oodlib.data.preprocess import IMAGENET_PREPROCESS
+
+    pre = cfg.model.preprocess(IMAGENET_PREPROCESS)
+    assert pre.size == (36, 36) and pre.resize == 40 and pre.mean[0] == pytest.approx(0.4914)
+    with pytest.raises(ConfigError, match="model.*3 value"):
+        parse_config({"experiment": "x", "model": {"name": "resnet18", "std": [0.2]}})
+    with pytest.raises(ConfigError, match="model.*smaller than"):
+        parse_config({"experiment": "x", "model": {"name": "resnet18", "resize": 100}})

@@ -216,7 +216,8 @@ def test_all_stages_integrate(tmp_path, ray_local):
     pass; ERRORS, GRAPH and EXPLAIN outputs present and consistent; MLflow children logged."""
     # 60 per split: digits-c's ~22% errors must reach each of the error detector's fit/val/test parts
     limit = 60
-    raw = small_config(tmp_path, limit_per_split=limit, extra_datasets=["digits-c"])
+    raw = small_config(tmp_path, limit_per_split=limit, extra_datasets=["digits-c"],
+                       ood_groups={"near": ["digits-near"], "far": ["photo-patches", "noise"]})
     raw["detectors"] = ["msp", "odin", "mahalanobis", {"name": "knn", "params": {"k": 5}}, "line"]
     raw["errors"] = {"enabled": True, "n_steps": 4, "mutants": {"operator": "NAI", "rate": 0.02, "n_accepted": 4, "max_tries": 200},
                      "extra_datasets": ["digits-c"], "detector_epochs": 3}
@@ -242,6 +243,37 @@ def test_all_stages_integrate(tmp_path, ray_local):
     src = c_rows.image_id.str.rsplit("/", n=1).str[1]
     assert (c_rows.groupby(src).part.nunique() == 1).all()  # corrupted twins never straddle splits
 
+    # FD-Shifts failure detection: every method on every failure source, with bootstrap intervals
+    errors_dir = Path(summary["stages"]["errors"])
+    em = pq.read_table(errors_dir / "metrics.parquet").to_pandas()
+    fail = em[em.task == "failure"]
+    sources = ["iid", "corruption/digits-c", "new-class/digits-near"]
+    assert list(fail.dataset.drop_duplicates()) == sources
+    methods = {"msr", "mls", "energy", "entropy", "gen", "doctor_alpha", "doctor_beta", "tempscale_msr",
+               "conductance", "lcr", "lcr_sprt", "fusion_nn", "fusion_rf", "fusion_lda", "fusion_qda"}
+    assert set(fail.method) == methods | {"model"}
+    for m in ("aurc", "e_aurc", "augrc", "auroc_f", "fpr95_f", "ece"):
+        assert set(fail[fail.metric == m].method) == methods and set(fail[fail.metric == f"{m}_lo"].method) == methods
+    aurc = fail[fail.metric == "aurc"]
+    assert aurc.value.between(0, 1).all() and len(aurc) == len(methods) * len(sources)
+    for src in sources:
+        assert (errors_dir / f"failure_rc_{src.replace('/', '_')}.png").stat().st_size > 10_000
+    conf = pq.read_table(errors_dir / "failure_confidences.parquet").to_pandas()
+    ids = conf[(conf.dataset == "digits") & (conf.part == "test")]
+    n_iid = fail[(fail.dataset == "iid") & (fail.method == "model") & (fail.metric == "n")].value.item()
+    assert n_iid == len(ids) == len(risks[(risks.dataset == "digits") & (risks.part == "test")])
+    from oodlib.metrics import aurc as aurc_of
+
+    msr_iid = aurc[(aurc.dataset == "iid") & (aurc.method == "msr")].value.item()
+    assert msr_iid == pytest.approx(aurc_of(ids.conf_msr, ids.correct), abs=1e-6)  # float32 confidences on disk
+    near = conf[conf.dataset == "digits-near"]
+    n_new = fail[(fail.dataset == "new-class/digits-near") & (fail.method == "model") & (fail.metric == "n")].value.item()
+    assert len(near) == limit and not near.correct.any() and n_new == len(near) + ids.correct.sum()  # wrong ID rows dropped
+    assert "#### new-class/digits-near" in (errors_dir / "failure.md").read_text()
+    ev = pq.read_table(Path(summary["stages"]["evaluate"]) / "metrics.parquet").to_pandas()
+    msp = ev[(ev.method == "msp") & (ev.metric == "auroc")].set_index("dataset").value
+    assert msp["far"] == pytest.approx((msp["photo-patches"] + msp["noise"]) / 2) and msp["near"] == msp["digits-near"]
+
     g = pq.read_table(Path(summary["stages"]["graph"]) / "graph_scores.parquet").to_pandas()
     assert set(g.method) == {"pretrain", "gcn"} and set(g.ood_set) == {"digits-near", "photo-patches", "noise"}
     assert len(g[(g.method == "gcn") & (g.ood_set == "noise")]) == limit + limit  # ID test ∪ that OOD set
@@ -255,5 +287,9 @@ def test_all_stages_integrate(tmp_path, ray_local):
 
     mlflow.set_tracking_uri(summary["tracking_uri"])
     runs = mlflow.search_runs(experiment_names=["t"])
-    children = set(runs[runs["tags.mlflow.parentRunId"] == summary["mlflow_run_id"]]["tags.method"])
-    assert {"odin", "line", "error/conductance", "error/fusion_lda", "lt/gcn", "explain"} <= children
+    kids = runs[runs["tags.mlflow.parentRunId"] == summary["mlflow_run_id"]]
+    children = set(kids["tags.method"])
+    assert {"odin", "line", "error/conductance", "error/fusion_lda", "lt/gcn", "explain", "error/msr", "error/doctor_alpha"} <= children
+    msr_child = kids[kids["tags.method"] == "error/msr"].iloc[0]
+    assert msr_child["metrics.iid.aurc"] == pytest.approx(msr_iid) and "metrics.new-class/digits-near.augrc_hi" in kids.columns
+    assert kids[kids["tags.method"] == "msp"].iloc[0]["metrics.near.auroc"] == pytest.approx(msp["near"])

@@ -86,3 +86,22 @@ def test_digits_cnn_cache_key_is_a_cheap_fingerprint():
 
     a = training_fingerprint(0)
     assert a == training_fingerprint(0) and a != training_fingerprint(1) and len(a) == 16
+
+
+def test_preprocessing_is_the_models_own_or_the_configs_never_guessed_from_classes(tmp_path):
+    import torch
+
+    from oodlib.data.preprocess import CIFAR_PREPROCESS, IMAGENET_PREPROCESS, resolve_preprocess
+
+    m = load_model("resnet18", None, num_classes=10)
+    assert m.preprocess == IMAGENET_PREPROCESS  # 10 classes do not make it a CIFAR model
+    pre = resolve_preprocess(m.preprocess, "cifar", input_size=40, mean=[0.5, 0.5, 0.5])
+    assert pre.size == (40, 40) and pre.mean == (0.5, 0.5, 0.5) and pre.std == CIFAR_PREPROCESS.std
+    assert resolve_preprocess(IMAGENET_PREPROCESS, crop=False).resize is None
+    with pytest.raises(ValueError, match="3 value"):
+        resolve_preprocess(IMAGENET_PREPROCESS, mean=[0.5])
+    # the number of classes comes from the checkpoint's head
+    import torchvision
+
+    torch.save(torchvision.models.resnet18(num_classes=7).state_dict(), tmp_path / "r.pth")
+    assert load_model("resnet18", str(tmp_path / "r.pth")).num_classes == 7

@@ -40,7 +40,8 @@ def inputs(h: np.ndarray, head: Head, **extras) -> ScoreInputs:
 
 
 def test_registry_names():
-    assert sorted(DETECTORS) == sorted("msp maxlogit energy odin mahalanobis react dice dice_react knn line".split())
+    # every detector module registers itself; these are this file's (test_peer_*.py test the peers' set)
+    assert set("msp maxlogit energy odin mahalanobis react dice dice_react knn line".split()) <= set(DETECTORS)
     assert isinstance(make_detector("dice", p=70), DICE) and make_detector("dice", p=70).p == 70
     with pytest.raises(KeyError):
         make_detector("nope")
