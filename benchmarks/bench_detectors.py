@@ -25,6 +25,7 @@ import time
 
 import numpy as np
 import torch
+from results_table import print_results
 
 from oodlib.contribution import contribution_matrix, features_and_moments
 from oodlib.detectors import DICE, KNN, LINE, MSP, DICEReAct, Energy, Head, Mahalanobis, MaxLogit, ReAct, ScoreInputs
@@ -213,11 +214,7 @@ def main() -> None:
     else:
         n_fwd, n_contrib, n_rows, n_auth, rep = 1000, 512, 10_000, 128, 3
     rows = bench_scoring(n_fwd, rep, device) + bench_contribution(n_contrib, rep, device) + bench_line(n_rows, n_auth, rep)
-    print(f"\nDevice: {device}, torch threads: {torch.get_num_threads()}{' (quick)' if args.quick else ''}\n")
-    print("| measurement | value | target | result |\n|---|---|---|---|")
-    for name, value, target, ok in rows:
-        val = value if isinstance(value, str) else f"{value:.4g}"
-        print(f"| {name} | {val} | {target} | {'' if ok is None else ('PASS' if ok else 'FAIL')} |")
+    print_results(rows, f"Device: {device}, torch threads: {torch.get_num_threads()}{' (quick)' if args.quick else ''}")
 
 
 if __name__ == "__main__":

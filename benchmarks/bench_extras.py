@@ -72,13 +72,13 @@ def best_times(fns: dict, rounds: int) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="batch 4, best of 3 rounds")
+    parser.add_argument("--quick", action="store_true", help="batch 4, best of 5 rounds")
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--threads", type=int, default=min(4, os.cpu_count() or 1))
     args = parser.parse_args()
     batch_size = args.batch_size or (4 if args.quick else 16)
-    repeats = args.repeats or (3 if args.quick else 5)
+    repeats = args.repeats or (5 if args.quick else 7)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = build_model("resnet50", 1000)

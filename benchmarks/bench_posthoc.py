@@ -21,6 +21,7 @@ import warnings
 
 import numpy as np
 import torch
+from results_table import print_results
 
 from oodlib.detectors import DETECTORS, Head, ScoreInputs
 
@@ -111,11 +112,7 @@ def main() -> None:
         rows = bench(n_rows=64, n_train=2000, n_val=1000, repeats=1)
     else:
         rows = bench(n_rows=1000, n_train=10_000, n_val=2000, repeats=3)
-    print(f"\nDevice: cpu, torch threads: {torch.get_num_threads()}{' (quick)' if args.quick else ''}\n")
-    print("| measurement | value | target | result |\n|---|---|---|---|")
-    for name, value, target, ok in rows:
-        val = value if isinstance(value, str) else f"{value:.4g}"
-        print(f"| {name} | {val} | {target} | {'' if ok is None else ('PASS' if ok else 'FAIL')} |")
+    print_results(rows, f"Device: cpu, torch threads: {torch.get_num_threads()}{' (quick)' if args.quick else ''}")
 
 
 if __name__ == "__main__":

@@ -4,12 +4,14 @@
 #   cluster/nightly.sh [CONFIG]          # CONFIG defaults to $CONFIG, else configs/digits.yaml
 #
 # It runs, from the project directory (the parent of cluster/, or $OODLIB_WORKDIR):
-#   ray job submit --no-wait --submission-id nightly-YYYY-MM-DD --working-dir . \
-#       -- python -m jobs.nightly --config "$CONFIG" --schedule nightly
-# then polls `ray job status` until the job is terminal, prints the tail of the job logs, and exits
+#   oodlib submit --no-wait --submission-id nightly-YYYY-MM-DD --working-dir . \
+#       --config "$CONFIG" --schedule nightly
+# (`oodlib submit` pins the output directory and the MLflow tracking URI on this side and records the
+# git sha, so every night writes into the same tables and store), then polls `ray job status` until the
+# job is terminal, prints the tail of the job logs, and exits
 #   0  SUCCEEDED        1  FAILED          2  STOPPED (someone ran `ray job stop`)
 #   3  poll timeout (the job is stopped unless STOP_ON_TIMEOUT=0)
-#   4  cannot submit / cannot reach the cluster      64  bad usage or settings
+#   4  cannot submit / cannot reach the cluster      64  bad usage or settings (or a bad config: exit 2 of oodlib)
 # `ray job submit` alone is not enough for a scheduler: it exits 0 for a STOPPED job.
 #
 # The dated submission id is an idempotency key (Ray rejects a reused id): if a job with that id
@@ -26,9 +28,10 @@
 #   POLL_TIMEOUT_S     give up after this many seconds of polling (default 21600 = 6 h)
 #   STOP_ON_TIMEOUT    1: `ray job stop` the job on timeout (default 1)
 #   MAX_STATUS_ERRORS  consecutive failed `ray job status` calls tolerated (default 10)
-#   SUBMIT_ATTEMPTS    `ray job submit` attempts before giving up (default 3)
+#   SUBMIT_ATTEMPTS    `oodlib submit` attempts before giving up (default 3)
 #   SUBMIT_RETRY_DELAY_S  seconds between submit attempts (default 30)
 #   LOG_TAIL_LINES     lines of job logs printed at the end (default 200)
+#   OODLIB_BIN         the oodlib command (default oodlib, from the project's venv)
 #   RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH   the cluster token (default file ~/.ray/auth_token)
 # RAY_AUTH_MODE=token is always exported: the cluster runs with token auth.
 set -uo pipefail
@@ -81,6 +84,7 @@ main() {
     SUBMIT_ATTEMPTS="${SUBMIT_ATTEMPTS:-3}"
     SUBMIT_RETRY_DELAY_S="${SUBMIT_RETRY_DELAY_S:-30}"
     RAY_BIN="${RAY_BIN:-ray}"
+    OODLIB_BIN="${OODLIB_BIN:-oodlib}"
 
     # --- settings check: fail before touching the cluster ---
     if [[ ! "$SUBMISSION_ID" =~ ^[A-Za-z0-9][A-Za-z0-9._-]*$ ]]; then
@@ -97,6 +101,7 @@ main() {
     cd "$WORKDIR" 2>/dev/null || { log "project directory not found: $WORKDIR"; return 64; }
     [[ -f "$CONFIG" ]] || { log "config not found: $WORKDIR/$CONFIG"; return 64; }
     command -v "$RAY_BIN" >/dev/null 2>&1 || { log "'$RAY_BIN' not found on PATH"; return 4; }
+    command -v "$OODLIB_BIN" >/dev/null 2>&1 || { log "'$OODLIB_BIN' not found on PATH (activate the project's venv)"; return 4; }
 
     log "cluster $RAY_ADDRESS, submission id $SUBMISSION_ID, config $CONFIG, working dir $WORKDIR"
 
@@ -109,16 +114,16 @@ main() {
             log "job $SUBMISSION_ID exists (status $(parse_status <<<"$out")): watching it, not resubmitting"
             break
         fi
-        "$RAY_BIN" job submit --address "$RAY_ADDRESS" --no-wait \
-            --submission-id "$SUBMISSION_ID" --working-dir . \
-            -- python -m jobs.nightly --config "$CONFIG" --schedule nightly
+        "$OODLIB_BIN" submit --address "$RAY_ADDRESS" --no-wait --attempts 1 \
+            --submission-id "$SUBMISSION_ID" --working-dir . --config "$CONFIG" --schedule nightly
         rc=$?
         ((rc == 0)) && break
+        ((rc == 2)) && { log "the config $CONFIG is invalid (oodlib submit exit 2): not retrying"; return 64; }
         if ((attempt >= SUBMIT_ATTEMPTS)); then
-            log "ray job submit failed (exit $rc) $attempt time(s): cluster unreachable, bad token, or id in use"
+            log "oodlib submit failed (exit $rc) $attempt time(s): cluster unreachable, bad token, or id in use"
             return 4
         fi
-        log "ray job submit failed (exit $rc); retry $attempt/$((SUBMIT_ATTEMPTS - 1)) in ${SUBMIT_RETRY_DELAY_S}s"
+        log "oodlib submit failed (exit $rc); retry $attempt/$((SUBMIT_ATTEMPTS - 1)) in ${SUBMIT_RETRY_DELAY_S}s"
         attempt=$((attempt + 1))
         sleep "$SUBMIT_RETRY_DELAY_S"
     done

@@ -2,14 +2,17 @@
 compare runs in MLflow. ``python -m jobs.nightly`` (what ``ray job submit`` runs) is ``oodlib run``.
 
     oodlib run --config configs/digits.yaml [--set KEY=VALUE ...] [--schedule nightly]
+    oodlib plan --config configs/imagenet.yaml [--manifest rows.parquet] [--set KEY=VALUE ...]
     oodlib submit --config configs/digits.yaml [--address http://127.0.0.1:8265] [--set KEY=VALUE ...]
     oodlib sweep --config configs/digits.yaml --grid line.delta=0.8,1.0,inf [--set KEY=VALUE ...]
     oodlib verify --config configs/digits.yaml [--repair]
     oodlib gc --config configs/digits.yaml [--keep-runs 7] [--dry-run]
     oodlib report --output outputs --experiment digits
+    oodlib monitor --config configs/digits.yaml [--last 14] [--json]
     oodlib compare --experiment digits [--last 5] [--per-set] [--fail-on-regression] ...
 
-Exit codes: 0 done; 1 a failure (or a regression with ``--fail-on-regression``); 2 bad input —
+Exit codes: 0 done; 1 a failure (or a regression with ``--fail-on-regression``, or an alert from
+``monitor``); 2 bad input —
 the config (naming the field), the manifest, the weights — reported before any cluster resource
 is used. Heavy imports (torch, Ray) happen only in ``run`` and ``sweep``.
 """
@@ -51,6 +54,7 @@ def _job_start(args: argparse.Namespace) -> None:
 
     if args.verbose:
         os.environ["OODLIB_VERBOSE"] = "1"
+    os.environ.setdefault("RAY_AUTH_MODE", "token")  # before anything imports Ray (it reads this on import)
     configure(args.verbose)
     exit_on_sigterm()
 
@@ -64,6 +68,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
                                           overrides=sets))
 
 
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from jobs import plan  # torch: the calibration
+
+    return exit_code(lambda: plan.cli_plan(args.config, parse_overrides([*profile_sets(args.profile), *args.set]), args.manifest))
+
+
 def _cmd_sweep(args: argparse.Namespace) -> int:
     _job_start(args)
     from jobs import sweep
@@ -72,16 +82,23 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
                                              [sweep.parse_axis(a) for a in args.grid], args.config))
 
 
-def _cmd_verify(args: argparse.Namespace) -> int:
-    """Hash-check the committed outputs of a config's experiment; 1 when any was damaged."""
-    from jobs import storage
-
+def _experiment_root(args: argparse.Namespace) -> Path | None:
+    """``{output}/{experiment}`` of the command's config, or None (message printed) for a bad config."""
     try:
         cfg = load_config(args.config, parse_overrides(args.set))
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return None
+    return Path(cfg.output) / cfg.experiment
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    """Hash-check the committed outputs of a config's experiment; 1 when any was damaged."""
+    from jobs import storage
+
+    root = _experiment_root(args)
+    if root is None:
         return 2
-    root = Path(cfg.output) / cfg.experiment
     checked, damaged = storage.verify_tree(root, repair=args.repair)
     for d, found in damaged.items():
         print(f"DAMAGED {d}" + (" (discarded: the next run recomputes it)" if args.repair else ""))
@@ -95,15 +112,12 @@ def _cmd_gc(args: argparse.Namespace) -> int:
     """Delete the cached outputs no kept run references."""
     from jobs import gc
 
-    try:
-        cfg = load_config(args.config, parse_overrides(args.set))
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    root = _experiment_root(args)
+    if root is None:
         return 2
     if args.keep_runs < 1:
         print("error: --keep-runs must be >= 1", file=sys.stderr)
         return 2
-    root = Path(cfg.output) / cfg.experiment
     paths, freed = gc.collect(root, args.keep_runs, dry_run=args.dry_run)
     for p in paths:
         print(("would delete " if args.dry_run else "deleted ") + str(p))
@@ -185,12 +199,18 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="oodlib", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{run,submit,sweep,verify,gc,report,compare}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{run,plan,submit,sweep,verify,gc,report,monitor,compare}")
 
     p_run = sub.add_parser("run", help="run the job (python -m jobs.nightly)")
     _add_job_arguments(p_run, runs=True)
     p_run.add_argument("--schedule", default=None, help="tag for the MLflow runs (manual, nightly, …)")
     p_run.set_defaults(func=_cmd_run)
+
+    p_plan = sub.add_parser("plan", help="the run's cost plan: rows, passes, bytes, memory, time from a short calibration")
+    _add_job_arguments(p_plan)
+    p_plan.add_argument("--profile", choices=sorted(PROFILES), default=None, help="a preset of overrides applied before --set")
+    p_plan.add_argument("--manifest", default=None, help="row counts from this manifest (else the config's rows / data)")
+    p_plan.set_defaults(func=_cmd_plan)
 
     p_sweep = sub.add_parser("sweep", help="a detector's hyperparameter grid over the stored features (no re-embedding)")
     _add_job_arguments(p_sweep, runs=True)
@@ -219,6 +239,12 @@ def build_parser() -> argparse.ArgumentParser:
     p_report.add_argument("--output", type=Path, default=Path("outputs"), help="the config's output directory (default outputs)")
     p_report.add_argument("--experiment", required=True, help="the config's experiment")
     p_report.set_defaults(func=_cmd_report)
+
+    p_monitor = sub.add_parser("monitor", help="the incoming batches over the nights and the alert (exit 1 on alert)")
+    from jobs import monitor
+
+    monitor.add_arguments(p_monitor)
+    p_monitor.set_defaults(func=monitor.run)
 
     p_compare = sub.add_parser("compare", help="compare the last N runs of an experiment in MLflow")
     compare.add_arguments(p_compare)

@@ -24,7 +24,7 @@ from oodlib.data.decode import MAX_BYTES, decode_batch
 from oodlib.device import resolve_device
 from oodlib.models import ModelAdapter
 
-PASS_THROUGH = ("image_id", "dataset", "split", "label", "subset", "shard")
+PASS_THROUGH = ("image_id", "dataset", "split", "label", "subset", "batch", "shard")
 
 
 def embed_batch(
@@ -33,40 +33,37 @@ def embed_batch(
     """Features, logits and the configured extras for one manifest batch (one decode, one forward).
 
     Returns one row per input row: the pass-through columns, ``pred`` (int32), ``logits`` [C],
-    ``features`` [D], each extra's columns (zeros for a quarantined row) and
-    ``quarantine_reason`` (null when fine).
+    ``features`` [D], each extra's columns and ``quarantine_reason`` (null when fine).
+
+    An extra is computed only on the rows whose ``extra_rows`` bit mask (:func:`jobs.rows.extra_rows_column`;
+    bit i = ``extras[i]``) has its bit — every row when the batch has no such column. On the other
+    rows its columns are *missing*: a null scalar, and a vector of NaN (Arrow's Parquet reader cannot
+    read null entries of a ``fixed_size_list`` back, so a missing vector is all-NaN, never null);
+    :func:`jobs.storage.column_numpy` reads both as NaN. A computed value is always finite (a row
+    with a non-finite one is quarantined).
     """
     images = batch.column("image").to_pylist()
     paths = batch.column("path").to_pylist()
     x, reasons = decode_batch(images, paths, model.preprocess, max_bytes)
     n, ok = batch.num_rows, np.array([r is None for r in reasons], bool)
+    ok_idx = np.flatnonzero(ok)
     feats = np.zeros((n, model.feature_dim), np.float32)
     logits = np.zeros((n, model.num_classes), np.float32)
     extra_cols = {
-        c: np.zeros((n, w), np.float32) if isinstance(w, int) else np.zeros(n, w or np.float32)
+        c: np.full((n, w), np.nan, np.float32) if isinstance(w, int) else np.zeros(n, w or np.float32)
         for e in extras for c, w in e.columns.items()
     }
-    if ok.any():
+    computed = {c: np.zeros(n, bool) for c in extra_cols}
+    if len(ok_idx):
+        bits = batch.column("extra_rows").to_numpy()[ok_idx] if "extra_rows" in batch.column_names else None
+        need = [np.ones(len(ok_idx), bool) if bits is None else ((bits >> i) & 1).astype(bool) for i in range(len(extras))]
         x = x.to(device, non_blocking=True)
-        # an extra that computes the ordinary forward on the way (conductance) replaces it
-        forward = next((e for e in extras if hasattr(e, "forward")), None)
-        if forward is not None:
-            h, f, cols = forward.forward(model, x)
-            for c, values in cols.items():
-                extra_cols[c][ok] = values
-        else:
-            with torch.inference_mode():
-                h = model.features(x)
-                f = model.head(h)
-        feats[ok] = h.float().cpu().numpy()
-        logits[ok] = f.float().cpu().numpy()
-        for extra in extras:
-            if extra is not forward:
-                for c, values in extra(model, x, h, f).items():
-                    extra_cols[c][ok] = values
+        h, f = extras_pass(model, x, list(extras), need, extra_cols, computed, ok_idx)
+        feats[ok_idx] = h.cpu().numpy()
+        logits[ok_idx] = f.cpu().numpy()
     finite = np.isfinite(feats).all(1) & np.isfinite(logits).all(1)
-    for values in extra_cols.values():
-        finite &= np.isfinite(values.reshape(n, -1)).all(1)
+    for c, values in extra_cols.items():
+        finite &= ~computed[c] | np.isfinite(values.reshape(n, -1)).all(1)
     for i in np.flatnonzero(ok & ~finite):
         reasons[i] = "non-finite features, logits or extras"
     pred = np.where(ok & finite, logits.argmax(1), -1).astype(np.int32)
@@ -78,10 +75,74 @@ def embed_batch(
             "pred": pa.array(pred),
             "logits": vector_column(logits),
             "features": vector_column(feats),
-            **{c: vector_column(v) if v.ndim == 2 else pa.array(v) for c, v in extra_cols.items()},
+            **{c: vector_column(v) if v.ndim == 2 else pa.array(v, mask=~computed[c]) for c, v in extra_cols.items()},
             "quarantine_reason": pa.array(reasons, pa.string()),
         }
     )
+
+
+def extras_pass(model: ModelAdapter, x: torch.Tensor, extras: list[Extra], need: list[np.ndarray], out: dict[str, np.ndarray],
+                computed: dict[str, np.ndarray], rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features and logits (float32, on the device) of the decoded batch ``x``, and each extra on the
+    rows it needs (``need[i]`` for ``extras[i]``), written into ``out[column][rows[j]]`` (``computed``
+    marks them). Work units: each extra alone on its rows, except the extras that share a pass (the
+    layer statistics) — their rows are split by which of them each row needs, one pass per part,
+    computing just those. An extra that computes the ordinary forward on the way (conductance, the
+    layer pass) gives the features of its rows; the remaining rows get one plain forward."""
+    units: list[tuple[list[Extra], np.ndarray]] = []
+    sharing: dict[int, list[int]] = {}
+    for i, e in enumerate(extras):
+        if getattr(e, "shared", None) is None:
+            if need[i].any():
+                units.append(([e], need[i]))
+        else:
+            sharing.setdefault(id(e.shared), []).append(i)
+    for members in sharing.values():
+        signature = np.stack([need[i] for i in members], 1)
+        for sig in np.unique(signature[signature.any(1)], axis=0):
+            units.append(([extras[i] for i, on in zip(members, sig) if on], (signature == sig).all(1)))
+
+    def rows_of(t: torch.Tensor, m: np.ndarray) -> torch.Tensor:
+        return t if m.all() else t[torch.from_numpy(np.flatnonzero(m)).to(t.device)]
+
+    def keep(cols: dict[str, np.ndarray], m: np.ndarray) -> None:
+        for c, values in cols.items():
+            out[c][rows[m]] = values
+            computed[c][rows[m]] = True
+
+    n, device = len(x), x.device
+    h = torch.empty((n, model.feature_dim), device=device)
+    f = torch.empty((n, model.num_classes), device=device)
+    covered = np.zeros(n, bool)
+    later = []
+    for members, m in units:
+        if not hasattr(members[0], "forward"):
+            later.append((members, m))
+            continue
+        xs = rows_of(x, m)
+        for e in members:
+            e.with_peers(members)
+        hs, fs, cols = members[0].forward(model, xs)
+        keep(cols, m)
+        for e in members[1:]:
+            keep(e(model, xs, hs, fs), m)
+        new = ~covered[m]
+        if new.any():
+            at = torch.from_numpy(np.flatnonzero(m)[new]).to(device)
+            h[at], f[at] = rows_of(hs.float(), new), rows_of(fs.float(), new)
+            covered[m] = True
+    if not covered.all():
+        with torch.inference_mode():
+            hr = model.features(rows_of(x, ~covered))
+            fr = model.head(hr)
+        at = torch.from_numpy(np.flatnonzero(~covered)).to(device)
+        h[at], f[at] = hr.float(), fr.float()
+    for members, m in later:
+        xs, hs, fs = rows_of(x, m), rows_of(h, m), rows_of(f, m)
+        for e in members:
+            e.with_peers(members)
+            keep(e(model, xs, hs, fs), m)
+    return h, f
 
 
 class EmbedActor:

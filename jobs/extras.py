@@ -7,74 +7,29 @@ A detector that reads an extra names its column in ``Detector.requires``; a
 :class:`DetectorInput` extra is then wanted with that detector's hyperparameters — adding such a
 detector is one file in ``oodlib/detectors/`` plus one class here.
 
+Each extra also declares the manifest rows it is needed on (:meth:`Extra.rows`, a
+:class:`jobs.rows.RowNeeds`): EMBED computes it only there (its columns are missing elsewhere: null
+scalars, all-NaN vectors) — e.g. ODIN not on the ID train split, which no score reads.
+
 In the actor an extra is built from an :class:`ExtraSpec` and returns NumPy columns for the rows
-that decoded (EMBED writes zeros for quarantined rows, which never reach the features table).
+it is called with (the decoded rows that need it).
 """
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
 from jobs.config import JobConfig
+from jobs.extra_base import DetectorInput, Extra, ExtraSpec
+from jobs.rows import RowNeeds, errors_rows, graph_rows
 from jobs.workers import fetch, model_state_arrays, rebuild_model
 from oodlib.estimator import subclasses
 from oodlib.models import ModelAdapter
 
-
-@dataclass(frozen=True)
-class ExtraSpec:
-    """What the actor needs to build one extra: its name, parameters and (a reference to) its state."""
-
-    name: str
-    params: dict = field(default_factory=dict)
-    state: object = None  # ray.ObjectRef or a plain value
-
-
-class Extra:
-    """Base. ``columns`` (set per instance) maps each output column to its vector width (an int:
-    float32 vector), None (float32 scalar) or a NumPy dtype name for an integer scalar."""
-
-    name: ClassVar[str]
-    #: column names this extra writes (the widths may depend on the model)
-    provides: ClassVar[tuple[str, ...]]
-    #: upstream stages whose results :meth:`state` reads
-    upstream: ClassVar[tuple[str, ...]] = ()
-    columns: dict[str, int | str | None]
-
-    @classmethod
-    def wanted(cls, cfg: JobConfig) -> dict | None:
-        """This extra's parameters under ``cfg``, or None when the config does not need it."""
-        raise NotImplementedError
-
-    @classmethod
-    def state(cls, params: dict, up: dict[str, Any]) -> tuple[object, object]:
-        """(state shipped to the actors, what identifies it in EMBED's content key)."""
-        return None, None
-
-    def __init__(self, model: ModelAdapter, params: dict, state, device: torch.device) -> None:
-        self.params = params
-
-    def __call__(self, model: ModelAdapter, x: torch.Tensor, h: torch.Tensor, logits: torch.Tensor) -> dict[str, np.ndarray]:
-        raise NotImplementedError
-
-
-class DetectorInput(Extra):
-    """An extra a detector reads: wanted when a configured detector ``requires`` one of its
-    columns, with that detector's hyperparameters (the config allows one setting per column)."""
-
-    @classmethod
-    def wanted(cls, cfg: JobConfig) -> dict | None:
-        from oodlib.detectors import DETECTORS
-
-        for d in cfg.detectors:
-            det = DETECTORS[d.name]
-            if set(det.requires) & set(cls.provides):
-                return det(**d.params).params()
-        return None
+__all__ = ["DetectorInput", "Extra", "ExtraSpec", "EXTRAS", "build_extras", "extra_rows", "upstream_stages", "wanted_extras"]
 
 
 class OdinScore(DetectorInput):
@@ -83,6 +38,10 @@ class OdinScore(DetectorInput):
 
     name = "odin"
     provides = ("odin",)
+
+    @classmethod
+    def passes(cls, params: dict, cfg: JobConfig) -> tuple[float, float]:
+        return 2.0, 1.0  # forward + backward to the input, then the perturbed forward
 
     def __init__(self, model, params, state, device) -> None:
         super().__init__(model, params, state, device)
@@ -106,6 +65,14 @@ class LayerConductance(Extra):
     def wanted(cls, cfg: JobConfig) -> dict | None:
         e = cfg.errors
         return {"layer": e.layer, "n_steps": e.n_steps, "method": e.method} if e.enabled else None
+
+    @classmethod
+    def rows(cls, cfg: JobConfig) -> RowNeeds:
+        return errors_rows(cfg)
+
+    @classmethod
+    def passes(cls, params: dict, cfg: JobConfig) -> tuple[float, float]:
+        return float(params["n_steps"]), float(params["n_steps"])  # the right rule's last step is the forward
 
     def __init__(self, model, params, state, device) -> None:
         super().__init__(model, params, state, device)
@@ -159,6 +126,14 @@ class LabelChangeRate(Extra):
         return {"early_stop": cfg.errors.sprt.early_stop} if cfg.errors.enabled else None
 
     @classmethod
+    def rows(cls, cfg: JobConfig) -> RowNeeds:
+        return errors_rows(cfg)
+
+    @classmethod
+    def passes(cls, params: dict, cfg: JobConfig) -> tuple[float, float]:
+        return float(cfg.errors.mutants.n_accepted), 0.0  # one forward per mutant (fewer with early stop)
+
+    @classmethod
     def state(cls, params: dict, up: dict[str, Any]) -> tuple[object, object]:
         mutants = up["mutants"]
         return {"table": mutants.table, "tau": mutants.tau}, mutants.path.name
@@ -198,6 +173,10 @@ class GaussianizedFeatures(Extra):
         return {} if cfg.graph.enabled else None
 
     @classmethod
+    def rows(cls, cfg: JobConfig) -> RowNeeds:
+        return graph_rows(cfg)
+
+    @classmethod
     def state(cls, params: dict, up: dict[str, Any]) -> tuple[object, object]:
         g = up["gaussianize"]
         return model_state_arrays(g.model), g.path.name
@@ -220,16 +199,20 @@ class SharedLayerPass:
 
     def __init__(self, members: list["LayerStatistic"]) -> None:
         self.members = list(members)
-        self._batch: tuple | None = None  # (weakref to the batch tensor, its PassOutput)
+        #: the members computed on the rows of the coming batch (:meth:`Extra.with_peers`); None = all
+        self.current: list | None = None
+        self._batch: tuple | None = None  # (weakref to the batch tensor, its members, its PassOutput)
 
     def run(self, model: ModelAdapter, x: torch.Tensor, extra: "LayerStatistic"):
-        """(features, logits, ``extra``'s columns) of batch x, computed once for every member."""
+        """(features, logits, ``extra``'s columns) of batch x, computed once for every member
+        computed on these rows."""
         from oodlib.layers import layer_pass
 
-        if self._batch is None or self._batch[0]() is not x:
-            self._batch = (weakref.ref(x), layer_pass(model, x, [m.request for m in self.members]))
-        out = self._batch[1]
-        return out.features, out.logits, out.columns[self.members.index(extra)]
+        if self._batch is None or self._batch[0]() is not x or extra not in self._batch[1]:
+            members = [m for m in self.members if self.current is None or m in self.current] or [extra]
+            self._batch = (weakref.ref(x), members, layer_pass(model, x, [m.request for m in members]))
+        out = self._batch[2]
+        return out.features, out.logits, out.columns[self._batch[1].index(extra)]
 
 
 class LayerStatistic(DetectorInput):
@@ -241,12 +224,15 @@ class LayerStatistic(DetectorInput):
     statistic: ClassVar[str | None] = None
     extra_params: ClassVar[tuple[str, ...]] = ("layers",)
     detector: ClassVar[str]
+    #: (forward, backward) passes per row of this statistic alone (shared passes cost less)
+    cost: ClassVar[tuple[float, float]] = (1.0, 0.0)
 
     @classmethod
-    def wanted(cls, cfg: JobConfig) -> dict | None:
-        params = super().wanted(cfg)
-        if params is None:
-            return None
+    def passes(cls, params: dict, cfg: JobConfig) -> tuple[float, float]:
+        return cls.cost
+
+    @classmethod
+    def embed_params(cls, params: dict, cfg: JobConfig) -> dict:
         from oodlib.layers import default_layers
 
         params = {k: params[k] for k in cls.extra_params}
@@ -268,6 +254,9 @@ class LayerStatistic(DetectorInput):
         check_layers(model, request.layers, self.detector)
         sizes = request.sizes(layer_widths(model, request.layers))
         self.columns = {column: int(sum(sizes)), f"{column}_sizes": len(sizes)}
+
+    def with_peers(self, peers: list[Extra]) -> None:
+        self.shared.current = [p for p in peers if p in self.shared.members]
 
     def forward(self, model, x):
         return self.shared.run(model, x, self)
@@ -310,6 +299,7 @@ class NacStatistics(LayerStatistic):
     """``nac`` [Σₗ Cₗ] + ``nac_sizes`` [L]: NAC's pre-sigmoid neuron states ō·ḡ (needs ∂L/∂o)."""
 
     name = detector = statistic = "nac"
+    cost = (1.0, 1.0)
     provides = ("nac", "nac_sizes")
 
     def make_request(self, model, params):
@@ -324,6 +314,7 @@ class RankFeatStatistic(LayerStatistic):
     """``rankfeat``: RankFeat's fused energy after rank-1 removal (reruns the network above each layer)."""
 
     name = detector = statistic = "rankfeat"
+    cost = (2.0, 0.0)
     provides = ("rankfeat",)
     extra_params = ("layers", "temperature")
 
@@ -339,6 +330,7 @@ class AdaScaleStatistics(LayerStatistic):
     """``adascale_correction``, ``adascale_shift``: AdaSCALE's terms (needs ∇ₓ and a second forward)."""
 
     name = "adascale"
+    cost = (2.0, 1.0)
     detector = "adascale_a"
     provides = ("adascale_correction", "adascale_shift")
     extra_params = ("k1", "k2", "o")
@@ -356,6 +348,11 @@ EXTRAS: dict[str, type[Extra]] = {cls.name: cls for cls in subclasses(Extra)}
 def wanted_extras(cfg: JobConfig) -> dict[str, dict]:
     """{extra name: parameters} of every extra ``cfg`` needs, in registry order."""
     return {name: p for name, cls in EXTRAS.items() if (p := cls.wanted(cfg)) is not None}
+
+
+def extra_rows(cfg: JobConfig) -> dict[str, RowNeeds]:
+    """{extra name: the rows it is computed on} of every wanted extra, in registry order."""
+    return {name: EXTRAS[name].rows(cfg) for name in wanted_extras(cfg)}
 
 
 def upstream_stages(cfg: JobConfig) -> tuple[str, ...]:

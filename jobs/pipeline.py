@@ -19,7 +19,11 @@ import pyarrow as pa
 
 from jobs import publish, storage, tracking
 from jobs.config import DetectorConfig, JobConfig
+from jobs.extras import wanted_extras
 from jobs.logs import Heartbeat
+from jobs.plan import print_run_plan
+from jobs.report import nightly_report
+from jobs.sanity import result_warnings
 from jobs.runtime import claim_scratch, clean_stale_scratch
 from jobs.stages.base import Context, ShardFiles, Stage, StageResult
 from jobs.stages.embed import EmbedStage
@@ -32,14 +36,15 @@ from jobs.stages.graph import GraphStage
 from jobs.stages.manifest import ManifestStage
 from jobs.stages.mutants import MutantsStage
 from jobs.stages.score import ScoreStage
+from jobs.stages.verdicts import VerdictsStage
 from oodlib.detectors import Head
 from oodlib.models import ModelAdapter, load_model
 from oodlib.reporting.tables import results_markdown
 
 log = logging.getLogger("oodlib.pipeline")
 STAGES: tuple[type[Stage], ...] = (
-    ManifestStage, MutantsStage, GaussianizeStage, EmbedStage, FitStage, ScoreStage, EvaluateStage, ErrorsStage, GraphStage,
-    ExplainStage,
+    ManifestStage, MutantsStage, GaussianizeStage, EmbedStage, FitStage, ScoreStage, EvaluateStage, ErrorsStage, VerdictsStage,
+    GraphStage, ExplainStage,
 )
 
 
@@ -116,7 +121,9 @@ def run(
     ``overrides``: the ``--set`` items the config was loaded with (recorded in MLflow).
     """
     started = time.time()
+    wanted_extras(cfg)  # detectors sharing an EMBED column must agree on it: a config error, before anything runs
     model = load_job_model(cfg)
+    print_run_plan(cfg, model)  # the cost plan in a few lines; refuses a run over runtime.max_driver_memory_gb (exit 2)
     root = Path(cfg.output) / cfg.experiment
     ctx = Context(cfg, model, model.weights_hash(), Head(*model.head_arrays()), root / ".scratch" / uuid.uuid4().hex[:8],
                   list(detectors or cfg.detectors))
@@ -137,15 +144,24 @@ def run(
         summary = job_summary(ctx, run_id, config_path, results, records, started)
         summary.update(mlflow_run_id=tracker.parent_id(), tracking_uri=tracking.redact_uri(uri))
         metrics = all_metrics(results)
+        summary["warnings"] = run_warnings(ctx, results, metrics)
+        artifacts = [results["evaluate"].path / "metrics.parquet", results["evaluate"].path / "results.md"] if "evaluate" in results else []
         if targets is None:  # a partial run (a sweep) does not publish
-            summary["tables"] = publish_tables(ctx, results, metrics, publish.metadata(run_id, cfg.digest(),
-                                                                                       mlflow_run_id=summary["mlflow_run_id"]))
+            meta = publish.metadata(run_id, cfg.digest(), mlflow_run_id=summary["mlflow_run_id"])
+            summary["tables"] = publish_tables(ctx, results, metrics, meta)
+            if "verdicts" in results:
+                nightly = nightly_report(ctx, results, metrics, meta)
+                tracker.steps(nightly.pop("batch_metrics"))
+                summary["tables"] |= {name: {"path": str(ctx.root / "tables" / name), "version": v}
+                                      for name, v in nightly.pop("versions").items()}
+                summary.update(nightly)
+                artifacts += [Path(nightly["report_dir"]) / "alert.json", *map(Path, nightly["reports"])]
         acc = metrics[metrics.task == "classify"]
         tracker.finish(
             {**{f"acc.{r.dataset.replace('/', '.')}": r.value for r in acc.itertuples()},
-             **{f"count.{k}": v for k, v in summary["images"].items()}},
-            [results["evaluate"].path / "metrics.parquet", results["evaluate"].path / "results.md"] if "evaluate" in results else [],
-            summary,
+             **{f"count.{k}": v for k, v in summary["images"].items()},
+             **({"alert": float(summary["alert"]["fire"])} if "alert" in summary else {})},
+            artifacts, summary,
         )
     except BaseException:
         tracker.fail()
@@ -176,6 +192,18 @@ def publish_tables(ctx: Context, results: dict[str, StageResult], metrics: pd.Da
         out[name] = publish.publish_table(ctx.root / "tables" / name, pa.concat_tables(parts, promote_options="default"), meta)
     print("[publish] " + ", ".join(f"{n} v{v}" for n, v in sorted(out.items())) + f" in {ctx.root / 'tables'}", flush=True)
     return {name: {"path": str(ctx.root / "tables" / name), "version": v} for name, v in sorted(out.items())}
+
+
+def run_warnings(ctx: Context, results: dict[str, StageResult], metrics: pd.DataFrame) -> list[str]:
+    """:mod:`jobs.sanity` over this run's results (and the explain stage's own warnings)."""
+    sizes = {}
+    if "score" in results:
+        scored = results["score"].read(["dataset", "split"])
+        id_test = scored[(scored.dataset == ctx.cfg.data.id_dataset) & (scored.split == "test")]
+        sizes = {f"{ctx.cfg.data.id_dataset} test": len(id_test),
+                 **{d: int((scored.dataset == d).sum()) for d in ctx.cfg.data.ood_datasets}}
+    extra = getattr(results.get("explain"), "warnings", [])
+    return result_warnings(metrics, sizes, ctx.cfg.data.id_dataset, ctx.model.num_classes) + list(extra)
 
 
 def write_run_record(root: Path, summary: dict) -> None:
@@ -224,4 +252,6 @@ def print_summary(summary: dict, metrics: pd.DataFrame) -> None:
     if summary["tracking_uri"]:
         print(f"MLflow run {summary['mlflow_run_id']} in {summary['tracking_uri']}")
         print(f"  look at it: mlflow ui --backend-store-uri {summary['tracking_uri']} --host 127.0.0.1")
+    for w in summary.get("warnings", []):
+        print(f"warning: {w}")
     print(f"done in {summary['total_seconds']:.1f}s")

@@ -48,7 +48,12 @@ def init_ray():
     address = os.environ.get("RAY_ADDRESS")
     if not address:
         loopback_only()
-    os.environ.setdefault("RAY_AUTH_MODE", "token")  # read when Ray is imported
+    if "ray" in sys.modules and not os.environ.get("RAY_AUTH_MODE"):
+        # the driver read RAY_AUTH_MODE on import: setting it now would start a token-auth GCS the
+        # driver cannot talk to; the job's own entry points (oodlib run, jobs.nightly) set it first
+        log.warning("Ray was imported before init_ray() without RAY_AUTH_MODE: local Ray starts without token auth")
+    else:
+        os.environ.setdefault("RAY_AUTH_MODE", "token")  # read when Ray is imported
     import ray
 
     private_token_file(create=not address)

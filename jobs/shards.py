@@ -42,12 +42,13 @@ def row_digest(image: bytes | None, path: str | None) -> str:
 
 
 def row_identities(table: pa.Table) -> list[str]:
-    """Per manifest row: id, dataset, split, label, subset and content digest in one string —
+    """Per manifest row: id, dataset, split, label, subset, batch and content digest in one string —
     equal identities mean an EMBED output row can be reused as it is."""
     meta = zip(table.column("image_id").to_pylist(), table.column("dataset").to_pylist(), table.column("split").to_pylist(),
-               table.column("label").to_pylist(), table.column("subset").to_pylist(),
+               table.column("label").to_pylist(), table.column("subset").to_pylist(), table.column("batch").to_pylist(),
                table.column("image").to_pylist(), table.column("path").to_pylist())
-    return [f"{iid}\x1f{ds}\x1f{sp}\x1f{lab}\x1f{sub}\x1f{row_digest(img, path)}" for iid, ds, sp, lab, sub, img, path in meta]
+    return [f"{iid}\x1f{ds}\x1f{sp}\x1f{lab}\x1f{sub}\x1f{bt}\x1f{row_digest(img, path)}"
+            for iid, ds, sp, lab, sub, bt, img, path in meta]
 
 
 def shard_hashes(table: pa.Table, shards: np.ndarray, identities: list[str] | None = None) -> dict[int, str]:

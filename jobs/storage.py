@@ -195,6 +195,13 @@ def vector_to_numpy(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
     return column.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(-1, width)
 
 
+def column_numpy(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """A features-table column as NumPy: a vector column N×D float32, a scalar column (N,)."""
+    if pa.types.is_fixed_size_list(column.type):
+        return vector_to_numpy(column)
+    return column.to_numpy(zero_copy_only=False)
+
+
 def read_table(paths: Path | list[Path], columns: list[str] | None = None, filter=None) -> pa.Table:
     """Read one or several (hive-partitioned) Parquet directories of committed outputs into one
     table; ``filter`` is a pyarrow expression. Every file is read (none is skipped as invalid),

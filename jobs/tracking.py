@@ -159,6 +159,15 @@ class Tracker:
                             c.artifacts, parent_id=parent)
             self.client.set_terminated(child)
 
+    def steps(self, series: list[tuple[str, float, int]]) -> None:
+        """Metrics (key, value, step) on the parent, e.g. a flag rate per batch at step YYYYMMDD."""
+        if self.uri is None or not series:
+            return
+        parent = self._start()
+        stamp = int(time.time() * 1000)
+        for chunk in _chunks([Metric(k, v, stamp, step) for k, v, step in series], 1000):
+            self.client.log_batch(parent, metrics=chunk)
+
     def finish(self, metrics: dict[str, float], artifacts: list[Path], summary: dict) -> None:
         """Parent metrics, artifacts and ``run_summary.json``; the parent ends FINISHED."""
         if self.uri is None:

@@ -2,6 +2,8 @@
 the state dict as NumPy arrays (through the object store), and how many GPUs an actor takes."""
 from __future__ import annotations
 
+import sys
+
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,10 +39,10 @@ def rebuild_model(name: str, num_classes: int, state: dict[str, np.ndarray], dev
 
 
 def fetch(ref):
-    """The value behind an object-store reference (or the value itself)."""
-    import ray
-
-    return ray.get(ref) if isinstance(ref, ray.ObjectRef) else ref
+    """The value behind an object-store reference (or the value itself). Ray is not imported for
+    a plain value: importing it reads its auth settings, which must wait for :func:`init_ray`."""
+    ray = sys.modules.get("ray")
+    return ray.get(ref) if ray is not None and isinstance(ref, ray.ObjectRef) else ref
 
 
 def gpus_per_actor(requested: str | float) -> float:

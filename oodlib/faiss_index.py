@@ -74,7 +74,7 @@ class FlatIP:
         """(inner products Q×k, descending; ids Q×k) of the k most similar base rows per query."""
         if k > self.ntotal:
             raise ValueError(f"k={k} exceeds the {self.ntotal} indexed rows")
-        xq = torch.from_numpy(np.ascontiguousarray(xq, np.float32))
+        xq = torch.from_numpy(np.array(xq, np.float32, order="C"))  # a copy: queries may be read-only
         top = _TopK(len(xq), k)
         rows = max(1, min(len(xq), (self.block * self.block) // max(self.ntotal, 1)))
         tile = torch.empty(rows * self.ntotal)  # reused: fresh large blocks are page-faulted per tile

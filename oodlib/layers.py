@@ -127,8 +127,9 @@ class NacStates:
 @dataclass(frozen=True)
 class RankFeat:
     """``rankfeat`` (scalar): T·logsumexp(mean over layers of zₗ / T), zₗ the logits after the
-    rank-1 component σ₁u₁v₁ᵀ (exact SVD) of layer l's C×HW map is removed and the rest of the
-    network is run on it. Two layers (last block, the one before) = the authors' fusion."""
+    rank-1 component σ₁u₁v₁ᵀ (exact, :func:`remove_rank1`) of layer l's C×HW map is removed and
+    the rest of the network is run on it. Two layers (last block, the one before) = the authors'
+    fusion."""
 
     layers: tuple[str, ...]
     temperature: float = 1.0
@@ -162,8 +163,14 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
 
 def gram_rows(fmap: torch.Tensor, powers) -> torch.Tensor:
     """[per p: sign·|rowsum(FᵖFᵖᵀ)|^{1/p}] concatenated, B×(P·C), float64. The row sums are
-    Fᵖ(Fᵖᵀ1) — C·HW work instead of the C²·HW of the Gram matrix itself."""
-    f = _flat(fmap.detach()).double()
+    Fᵖ(Fᵖᵀ1) — C·HW work instead of the C²·HW of the Gram matrix itself — in float32 like the
+    reference implementations, each image's map first divided by a power of two (exact) that brings
+    its largest |value| to ≤ 1, so that Fᵖ·ΣFᵖ cannot overflow; the scale is put back as s² after
+    the p-th root."""
+    f = _flat(fmap.detach()).float()
+    top = f.abs().amax((1, 2), keepdim=True)
+    scale = torch.exp2(torch.ceil(torch.log2(top.clamp_min(1.0))))  # 1 for maps already ≤ 1
+    f = f / scale
     out, fp, done = [], f, 1
     for p in powers:
         if p >= done:  # Fᵖ by repeated products (much faster than pow for the usual 1..5)
@@ -172,17 +179,33 @@ def gram_rows(fmap: torch.Tensor, powers) -> torch.Tensor:
             done = p
         else:
             fp, done = f**p, p
-        g = torch.bmm(fp, fp.sum(1).unsqueeze(2)).squeeze(2)
-        out.append(g.sign() * g.abs() ** (1.0 / p))
+        g = torch.bmm(fp, fp.sum(1, keepdim=True).transpose(1, 2)).squeeze(2).double()
+        out.append(g.sign() * g.abs() ** (1.0 / p) * scale.view(-1, 1).double() ** 2)
     return torch.cat(out, 1)
 
 
 def remove_rank1(fmap: torch.Tensor) -> torch.Tensor:
-    """The map minus its rank-1 SVD component σ₁u₁v₁ᵀ (per image, C×HW), same shape."""
-    b, c = fmap.shape[:2]
+    """The map X (per image C×HW) minus its rank-1 SVD component σ₁u₁v₁ᵀ, same shape.
+
+    σ₁u₁v₁ᵀ = X v₁v₁ᵀ = u₁u₁ᵀX with v₁ (u₁) the top eigenvector of the smaller of XᵀX and XXᵀ,
+    found by a float64 symmetric eigensolver: the same component as the authors' float32
+    ``torch.linalg.svd``, twice as fast on ResNet-50 maps and closer to the float64 SVD (1e-13
+    against its 1.5e-5). An image whose map is not finite gets NaN (EMBED quarantines the row)."""
     m = _flat(fmap)
-    u, s, v = torch.linalg.svd(m, full_matrices=False)
-    return (m - s[:, :1, None] * u[:, :, :1].bmm(v[:, :1, :])).view_as(fmap)
+    finite = torch.isfinite(m).flatten(1).all(1)
+    if not finite.all():
+        out = torch.full_like(m, float("nan"))
+        if finite.any():
+            out[finite] = _flat(remove_rank1(fmap[finite]))
+        return out.view_as(fmap)
+    md = m.double()
+    if md.shape[2] <= md.shape[1]:
+        v = torch.linalg.eigh(md.transpose(1, 2) @ md).eigenvectors[:, :, -1:]
+        rest = md - (md @ v) @ v.transpose(1, 2)
+    else:
+        u = torch.linalg.eigh(md @ md.transpose(1, 2)).eigenvectors[:, :, -1:]
+        rest = md - u @ (u.transpose(1, 2) @ md)
+    return rest.to(m.dtype).view_as(fmap)
 
 
 @dataclass

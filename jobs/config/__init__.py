@@ -11,12 +11,12 @@ from jobs.config.job import JobConfig, load_config, parse_config, set_dotted
 from jobs.config.overrides import PROFILES, parse_overrides, profile_sets
 from jobs.config.stages import (
     DetectorConfig, ErrorsConfig, ExplainConfig, GraphConfig, LocalizationDataConfig, MlflowConfig, MutantConfig,
-    RuntimeConfig, SprtConfig,
+    RuntimeConfig, SprtConfig, VerdictsConfig,
 )
 
 __all__ = [
     "ConfigError", "DataConfig", "DetectorConfig", "EmbedConfig", "ErrorsConfig", "ExplainConfig", "GraphConfig",
     "ImageSetConfig", "JobConfig", "LocalizationDataConfig", "MlflowConfig", "ModelConfig", "MutantConfig", "PathField",
     "PROFILES", "RuntimeConfig", "SprtConfig", "Strict", "known_names", "load_config", "parse_config", "parse_overrides",
-    "profile_sets", "set_dotted",
+    "profile_sets", "set_dotted", "VerdictsConfig",
 ]

@@ -1,6 +1,8 @@
 """What every config section shares: strict models, path fields, the error type."""
 from __future__ import annotations
 
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated
 
@@ -10,6 +12,27 @@ from pydantic import BaseModel, ConfigDict, Field
 def in_ray_package() -> bool:
     """Whether this process runs in a Ray job's uploaded copy of the working directory."""
     return any(part.startswith("_ray_pkg_") for part in Path.cwd().parts)
+
+
+#: False while a config is read for planning only (``oodlib plan``): its input paths (and GPU
+#: devices) need not exist here
+_CHECK_PATHS: ContextVar[bool] = ContextVar("oodlib_check_paths", default=True)
+
+
+def checking_paths() -> bool:
+    """Whether config validation checks that input files and folders exist (not for ``oodlib plan``)."""
+    return _CHECK_PATHS.get()
+
+
+@contextmanager
+def without_path_checks():
+    """Validate configs without checking that their input paths exist (planning a run whose data
+    is elsewhere)."""
+    token = _CHECK_PATHS.set(False)
+    try:
+        yield
+    finally:
+        _CHECK_PATHS.reset(token)
 
 
 class ConfigError(ValueError):

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from jobs.config.base import PathField, Strict, known_names
+from jobs.config.base import PathField, Strict, checking_paths, known_names
 
 
 class ImageSetConfig(Strict):
@@ -28,9 +28,14 @@ class ImageSetConfig(Strict):
     #: without ``imbalance_ratio``: hold out this many images per class of a train set as the ID
     #: ``val`` split (detectors fitted on held-out data: TempScale, KLM, Residual, VRA; thresholds)
     val_per_class: int | None = Field(default=None, ge=0)
+    #: how many images the set has, for ``oodlib plan`` when the data is not at hand (e.g. ImageNet
+    #: train 1281167); ignored by a run, which lists the set
+    rows: int | None = Field(default=None, ge=0)
 
     @model_validator(mode="after")
     def _paths_exist(self) -> "ImageSetConfig":
+        if not checking_paths():
+            return self
         if not self.root.exists():
             raise ValueError(f"root {self.root} does not exist (dataset {self.dataset!r})")
         if self.kind == "list" and (self.list_file is None or not self.list_file.is_file()):
@@ -55,6 +60,9 @@ class DataConfig(Strict):
     limit_per_split: int | None = Field(default=None, gt=0)
     #: extra datasets to embed and score without OOD evaluation (e.g. digits-c, LT train sets)
     extra_datasets: list[str] = Field(default_factory=list)
+    #: incoming (production) datasets — e.g. tonight's images, a ``batch`` per night, labels
+    #: optional: embedded, scored, risk-scored, flagged and tracked over batches; never fitted on
+    incoming_datasets: list[str] = Field(default_factory=list)
     #: an image file (or embedded image) larger than this is quarantined before it is read whole
     max_image_bytes: int = Field(default=64 * 2**20, gt=0)
 
@@ -63,12 +71,24 @@ class DataConfig(Strict):
         if self.source == "manifest":
             if self.manifest is None:
                 raise ValueError("data.manifest is required when data.source is 'manifest'")
-            if not self.manifest.exists():
+            if checking_paths() and not self.manifest.exists():
                 raise ValueError(f"data.manifest: file {self.manifest} does not exist")
         if self.source == "folders" and not self.sets:
             raise ValueError("data.sets must list the image sets when data.source is 'folders'")
         if not self.ood_datasets:
             raise ValueError("data.ood_datasets must name at least one OOD dataset")
+        return self
+
+    @model_validator(mode="after")
+    def _roles_disjoint(self) -> "DataConfig":
+        roles = {"id_dataset": [self.id_dataset], "ood_datasets": self.ood_datasets, "extra_datasets": self.extra_datasets,
+                 "incoming_datasets": self.incoming_datasets}
+        seen: dict[str, str] = {}
+        for role, names in roles.items():
+            for n in names:
+                if n in seen and seen[n] != role:
+                    raise ValueError(f"dataset {n!r} is in both data.{seen[n]} and data.{role}: a dataset has one role")
+                seen[n] = role
         return self
 
     @model_validator(mode="after")
@@ -139,8 +159,8 @@ class ModelConfig(Strict):
             return v
         if not re.fullmatch(r"cuda(:\d+)?|mps", v):
             raise ValueError(f"unknown device {v!r}; use auto, cpu, cuda, cuda:N or mps")
-        if os.environ.get("RAY_ADDRESS"):
-            return v  # the workers' devices are checked when the actors start
+        if os.environ.get("RAY_ADDRESS") or not checking_paths():
+            return v  # the workers' devices are checked when the actors start (or only planning)
         import torch
 
         if v == "mps" and not torch.backends.mps.is_available():
@@ -156,7 +176,7 @@ class ModelConfig(Strict):
     @classmethod
     def _weights_exist(cls, v: str | None) -> str | None:
         # a value with a path separator or a file suffix is a file; anything else a torchvision weights name
-        if v is not None and ("/" in v or Path(v).suffix) and not Path(v).exists():
+        if v is not None and ("/" in v or Path(v).suffix) and checking_paths() and not Path(v).exists():
             raise ValueError(f"weights file {v} does not exist")
         return v
 

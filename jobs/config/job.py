@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 import yaml
@@ -11,7 +10,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from jobs.config.base import ConfigError, PathField, Strict, in_ray_package
 from jobs.config.inputs import DataConfig, EmbedConfig, ModelConfig
 from jobs.config.stages import (
-    DetectorConfig, ErrorsConfig, ExplainConfig, GraphConfig, MlflowConfig, RuntimeConfig,
+    DetectorConfig, ErrorsConfig, ExplainConfig, GraphConfig, MlflowConfig, RuntimeConfig, VerdictsConfig,
 )
 
 
@@ -25,6 +24,7 @@ class JobConfig(Strict):
     graph: GraphConfig = Field(default_factory=GraphConfig)
     explain: ExplainConfig = Field(default_factory=ExplainConfig)
     errors: ErrorsConfig = Field(default_factory=ErrorsConfig)
+    verdicts: VerdictsConfig = Field(default_factory=VerdictsConfig)
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     schedule: str = "manual"
@@ -90,20 +90,11 @@ class JobConfig(Strict):
     @model_validator(mode="after")
     def _unique_detectors(self) -> "JobConfig":
         keys = [d.key for d in self.detectors]
-        extra_params: dict[str, list] = {}  # a column computed in EMBED: one setting for every detector reading it
-        from oodlib.detectors import DETECTORS
-
-        for d in self.detectors:
-            cls = DETECTORS[d.name]
-            for column in set(cls.requires) - {"features", "logits"}:
-                try:
-                    extra_params.setdefault(column, []).append(cls(**d.params).params())
-                except TypeError as exc:
-                    raise ValueError(f"detectors[{d.key}].params: {exc}") from None
-        for column, settings in extra_params.items():
-            if any(p != settings[0] for p in settings):
-                raise ValueError(f"detectors: the `{column}` column is computed once in EMBED; the detectors reading it "
-                                 f"must share its parameters, got {settings}")
+        v = self.verdicts
+        if v.primary_detector is not None and v.primary_detector not in keys:
+            raise ValueError(f"verdicts.primary_detector: {v.primary_detector!r} is not a configured detector column ({keys})")
+        if v.primary_risk is not None and not self.errors.enabled:
+            raise ValueError("verdicts.primary_risk: the risks come from the errors stage; set errors.enabled")
         if len(set(keys)) != len(keys):
             raise ValueError(f"detectors: duplicate columns in {keys} (give settings distinct 'column' names)")
         return self
@@ -111,9 +102,6 @@ class JobConfig(Strict):
     def digest(self) -> str:
         """Hash of the whole config (recorded in MLflow and last_run.json)."""
         return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:16]
-
-    def section_digest(self, *sections: str) -> dict:
-        return json.loads(self.model_dump_json(include=set(sections)))
 
 
 def _field_path(loc: tuple) -> str:

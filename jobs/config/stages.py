@@ -3,21 +3,40 @@ from __future__ import annotations
 
 from typing import Literal
 
+import math
 from pydantic import Field, field_validator, model_validator
 
-from jobs.config.base import PathField, Strict, in_ray_package, known_names
+from jobs.config.base import PathField, Strict, checking_paths, in_ray_package, known_names
 
 
 class DetectorConfig(Strict):
     """One score column: detector ``name`` with ``params``; the column is ``score_<column or name>``."""
 
     name: str
-    params: dict[str, float | int | str | bool | None] = Field(default_factory=dict)
+    params: dict[str, float | int | str | bool | None | list[float | int | str]] = Field(default_factory=dict)
     column: str | None = Field(default=None, pattern=r"^[a-z0-9_]+$")
+    #: fit on this seeded fraction of the detector's ``fit_split`` (rows chosen by image id,
+    #: :mod:`oodlib.sampling`), drawn in FIT's workers — and EMBED computes the detector's EMBED
+    #: columns only on those rows of the split; for detectors fitted on the rows themselves (a
+    #: bank, EMBED columns), not on partial sums; KNN/NNGuide draw their bank with ``alpha``
+    fit_fraction: float = Field(default=1.0, gt=0, le=1)
 
     @property
     def key(self) -> str:
         return self.column or self.name
+
+    @model_validator(mode="after")
+    def _fraction_of_rows(self) -> "DetectorConfig":
+        from oodlib.detectors import DETECTORS
+
+        cls = DETECTORS.get(self.name)
+        if cls is not None and self.fit_fraction < 1:
+            if hasattr(cls, "bank_sample"):
+                raise ValueError(f"fit_fraction: {self.name} draws its bank with its own `alpha` parameter; set that instead")
+            if "bank" not in cls.fit_needs and cls.fit_split == "train":
+                raise ValueError(f"fit_fraction: {self.name} is fitted from partial sums over every ID-train row, "
+                                 "not on rows it loads; a fraction does not apply")
+        return self
 
     @field_validator("name")
     @classmethod
@@ -68,12 +87,12 @@ class LocalizationDataConfig(Strict):
 
     @model_validator(mode="after")
     def _paths_exist(self) -> "LocalizationDataConfig":
-        if not self.list_file.is_file():
+        if checking_paths() and not self.list_file.is_file():
             raise ValueError(f"list_file {self.list_file} does not exist")
         if (self.masks_dir is None) == (self.voc_dir is None):
             raise ValueError("give exactly one of masks_dir (segmentation masks) and voc_dir (VOC boxes)")
         folder = self.masks_dir or self.voc_dir
-        if not folder.is_dir():
+        if checking_paths() and not folder.is_dir():
             raise ValueError(f"{'masks_dir' if self.masks_dir else 'voc_dir'} {folder} is not a directory")
         return self
 
@@ -143,10 +162,62 @@ class ErrorsConfig(Strict):
     #: bootstrap resamples for the 95% intervals of the failure metrics (FD-Shifts' studies use 500;
     #: 0 = no intervals)
     n_bootstrap: int = Field(default=200, ge=0)
+    #: the seeded fraction of the ID train split (by image id) that forms the error detector's fit
+    #: part: EMBED computes conductance and LCR only on those train rows
+    fit_fraction: float = Field(default=1.0, gt=0, le=1)
 
     def new_class_sets(self, ood_groups: dict[str, list[str]]) -> list[str]:
         """The OOD sets of the new-class failure sources."""
         return list(self.new_class_datasets if self.new_class_datasets is not None else ood_groups.get("near", []))
+
+
+class VerdictsConfig(Strict):
+    """VERDICTS: calibrated thresholds, a verdict per image, flag rates per incoming batch, drift,
+    the alert and the HTML report (:mod:`oodlib.verdicts`)."""
+
+    enabled: bool = False
+    #: an OOD detector's threshold keeps this fraction of the ID val split (flag = score < threshold)
+    target_tpr: float = Field(default=0.95, gt=0, lt=1)
+    #: a risk's threshold leaves this share of the correct predictions of the validation part
+    #: unflagged (flag = risk ≥ threshold) — the counterpart of target_tpr, so that ID data show
+    #: about (1 − target_tpr) + (1 − risk_keep_correct)·accuracy flags; null: use risk_recall
+    risk_keep_correct: float | None = Field(default=0.95, gt=0, lt=1)
+    #: with risk_keep_correct null: the threshold reaches this recall of wrong predictions; both
+    #: null: the equal-recall point of the error tables (flags many ID images: ~1 − AUROC-ish of them)
+    risk_recall: float | None = Field(default=None, gt=0, lt=1)
+    #: the score column (``score_<x>``: give x) and risk (``risk_<x>``) the verdicts use; null =
+    #: chosen from the validation metrics (best avg AUROC / best val AUROC), stated in the output
+    primary_detector: str | None = None
+    primary_risk: str | None = None
+    #: bootstrap resamples of the threshold intervals
+    n_boot: int = Field(default=1000, ge=50)
+    seed: int = 0
+    #: the alert fires when the newest batch's flag rate (lower Wilson bound) exceeds the expected ID
+    #: flag rate (upper bound) by more than ``margin``, or a drift p-value is below ``alpha``
+    margin: float = Field(default=0.02, ge=0, lt=1)
+    alpha: float = Field(default=0.01, gt=0, lt=1)
+    drift_max_rows: int = Field(default=1000, gt=10)
+    #: the C2ST's permutations: its smallest p-value is 1/(1 + n), which must sit well below the
+    #: drift level alpha/2 (two tests) for the test to be able to fire — checked
+    drift_permutations: int = Field(default=400, ge=20)
+    #: flagged images per incoming batch in the report (with relevance maps)
+    top_k: int = Field(default=8, ge=0)
+
+    @model_validator(mode="after")
+    def _drift_can_fire(self) -> "VerdictsConfig":
+        level = self.alpha / 2  # Bonferroni over the C2ST and the KS test
+        if 1 / (1 + self.drift_permutations) > level / 2:
+            need = math.ceil(2 / level) - 1
+            raise ValueError(f"verdicts.drift_permutations: {self.drift_permutations} permutations give p-values ≥ "
+                             f"{1 / (1 + self.drift_permutations):.4f}, too coarse for the drift level alpha/2 = {level:g}; "
+                             f"use at least {need}")
+        return self
+
+    @model_validator(mode="after")
+    def _one_risk_rule(self) -> "VerdictsConfig":
+        if self.risk_keep_correct is not None and self.risk_recall is not None:
+            raise ValueError("verdicts: set risk_keep_correct or risk_recall, not both (set risk_keep_correct: null to use risk_recall)")
+        return self
 
 
 class RuntimeConfig(Strict):
@@ -156,6 +227,9 @@ class RuntimeConfig(Strict):
     #: this long — e.g. tasks waiting for CPUs a cluster does not have — with a message naming
     #: the cluster's resources; null waits forever
     stall_timeout_s: float | None = Field(default=1800.0, gt=0)
+    #: refuse the job (exit 2, before any cluster resource) when the plan's estimated driver memory
+    #: exceeds this many GiB (``oodlib plan`` and the start of every run); null = no limit
+    max_driver_memory_gb: float | None = Field(default=None, gt=0)
 
 
 class MlflowConfig(Strict):

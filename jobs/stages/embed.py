@@ -20,11 +20,12 @@ from jobs import shards, storage
 from jobs.config import JobConfig
 from jobs.embed_pass import run_embed
 from jobs.extras import EXTRAS, ExtraSpec, upstream_stages, wanted_extras
+from jobs.rows import extra_rows_column
 from jobs.runtime import init_ray
 from jobs.stages.base import Context, ShardFiles, Stage, StageResult
 from jobs.workers import ModelSpec, StageStalled, gpus_per_actor, model_state_arrays
 
-SHARD_VERSION = 1
+SHARD_VERSION = 2  # 2: the batch column
 COUNTS = ("input", "features", "quarantined")
 
 
@@ -58,11 +59,14 @@ class EmbedStage(Stage):
         cfg = ctx.cfg
         self._extras = wanted_extras(cfg)
         self._states = {n: EXTRAS[n].state(p, up) for n, p in self._extras.items()}
+        # the rows each extra is computed on (jobs.rows): the ``extra_rows`` bit mask, in the extras' order
+        self._needs = {n: EXTRAS[n].rows(cfg) for n in self._extras}
         rows = up["manifest"].rows
         self._shard_no = shards.shard_of(rows.column("image_id").to_pylist(), cfg.embed.num_shards)
         self._rows = rows.append_column("shard", pa.array(self._shard_no))
+        self._rows = self._rows.append_column("extra_rows", pa.array(extra_rows_column(rows, self._needs)))
         self._identities = shards.row_identities(self._rows)
-        extras_key = {n: {"params": p, "state": self._states[n][1]} for n, p in self._extras.items()}
+        extras_key = {n: {"params": p, "state": self._states[n][1], "rows": self._needs[n].key()} for n, p in self._extras.items()}
         self._config = {"model": ctx.model_hash, "preprocess": repr(ctx.model.preprocess), "extras": extras_key,
                         "max_image_bytes": cfg.data.max_image_bytes}
         self._keys = {s: storage.content_key("embed-shard", SHARD_VERSION, shard=h, **self._config)
@@ -117,8 +121,10 @@ class EmbedStage(Stage):
             wave = order[w : w + cfg.embed.shards_per_wave]
             mask = np.isin(self._shard_no, wave) & fresh
             try:
+                # by shard (a block, and so a written file, holds one or two shards), then the rows needing
+                # the same extras together (full batches for the expensive ones)
                 run_embed(
-                    self._rows.filter(pa.array(mask)), {s: todo[s] for s in wave}, spec, cfg.embed.batch_size, cfg.embed.num_actors,
+                    self._rows.filter(pa.array(mask)).sort_by([("shard", "ascending"), ("extra_rows", "ascending")]), {s: todo[s] for s in wave}, spec, cfg.embed.batch_size, cfg.embed.num_actors,
                     num_gpus, cfg.embed.cpus_per_actor, ctx.scratch / f"embed-{w}",
                     identities={s: [self._identities[i] for i in by_shard[s]] for s in wave}, reuse={s: reuse[s] for s in wave if s in reuse},
                 )

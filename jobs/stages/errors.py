@@ -80,7 +80,7 @@ class ErrorsResult(StageResult):
 
 class ErrorsStage(Stage):
     name = "errors"
-    version = 4
+    version = 5  # 5: risks of the incoming rows
 
     def enabled(self, cfg: JobConfig) -> bool:
         return cfg.errors.enabled
@@ -90,7 +90,8 @@ class ErrorsStage(Stage):
 
     def key(self, ctx: Context, up: dict) -> dict:
         return {"features": sorted(up["embed"].features), "errors": ctx.cfg.errors.model_dump(), "id": ctx.cfg.data.id_dataset,
-                "tau": up["mutants"].tau, "new_class": ctx.cfg.errors.new_class_sets(ctx.cfg.data.ood_groups)}
+                "tau": up["mutants"].tau, "new_class": ctx.cfg.errors.new_class_sets(ctx.cfg.data.ood_groups),
+                "incoming": ctx.cfg.data.incoming_datasets}
 
     def run(self, ctx: Context, up: dict, tmp: Path) -> None:
         cfg, e, tau = ctx.cfg, ctx.cfg.errors, up["mutants"].tau
@@ -130,6 +131,9 @@ class ErrorsStage(Stage):
                                                      "metric": "mutants_used_mean", "value": used_mean}])], ignore_index=True)
         failure = failure_detection(cfg, up["embed"].feature_dirs, df, part, all_risk, res, tau, tmp)
         metrics = pd.concat([metrics, failure], ignore_index=True)
+        if cfg.data.incoming_datasets:
+            all_risk = pd.concat([all_risk.astype({"wrong": "boolean"}),
+                                  incoming_risks(up["embed"].feature_dirs, cfg.data.incoming_datasets, res, tau)], ignore_index=True)
         for name, frame in (("risks", all_risk), ("error_table", table), ("lcr_table", lcr_t3), ("metrics", metrics)):
             storage.write_table(pa.Table.from_pandas(frame, preserve_index=False), tmp, f"{name}.parquet")
         (tmp / "error_table.md").write_text(error_markdown(table, lcr_t3, used_mean, None if flips is None else flips.shape[1]))
@@ -143,6 +147,29 @@ class ErrorsStage(Stage):
 
     def load(self, ctx: Context, up: dict, path: Path) -> ErrorsResult:
         return ErrorsResult(path, pq.read_table(path / "metrics.parquet").to_pandas())
+
+
+def incoming_risks(feature_dirs: list[Path], datasets: list[str], res, tau: float) -> pd.DataFrame:
+    """Risks of tonight's images (part ``incoming``): never fitted on; ``wrong`` known only where
+    the image is labelled (a nullable boolean, NA elsewhere)."""
+    rows, vec = read_error_rows(feature_dirs, datasets)
+    labelled = rows.label.to_numpy() >= 0
+    wrong = pd.array(np.where(labelled, rows.pred.to_numpy() != rows.label.to_numpy(), False), dtype="boolean")
+    wrong[~labelled] = pd.NA
+    return risk_frame(rows, vec, res, tau, "incoming", wrong)
+
+
+def risk_frame(rows: pd.DataFrame, vec: dict[str, np.ndarray], res, tau: float, part: str, wrong) -> pd.DataFrame:
+    """Risks of rows the error detectors were not fitted on (new classes, incoming images) from
+    the fitted detectors ``res``: ``image_id, dataset, part, wrong, risk_*``."""
+    out = pd.DataFrame({"image_id": rows.image_id, "dataset": rows.dataset, "part": part, "wrong": wrong})
+    out["risk_conductance"] = res.conductance.risk(vec["conductance"])
+    out["risk_lcr"] = rows.lcr.to_numpy(np.float32)
+    out["risk_lcr_sprt"] = (np.asarray(SPRT(tau).lcr(vec["lcr_flips"] > 0.5)[0], np.float32) if "lcr_flips" in vec
+                            else out["risk_lcr"])
+    for kind, det in res.fusions.items():
+        out[f"risk_fusion_{kind}"] = det.risk(np.column_stack([out.risk_lcr, out.risk_conductance]))
+    return out
 
 
 #: error detectors whose risk is a classifier's probability of a wrong prediction: 1 − risk is used
@@ -169,14 +196,8 @@ def failure_detection(cfg: JobConfig, feature_dirs: list[Path], df: pd.DataFrame
     new_class = e.new_class_sets(cfg.data.ood_groups)
     nc_df, nc_vec = read_error_rows(feature_dirs, new_class) if new_class else (pd.DataFrame(), {})
     if len(nc_df):
-        nc = pd.DataFrame({"image_id": nc_df.image_id, "dataset": nc_df.dataset, "part": "new-class", "wrong": True,
-                           "label": nc_df.label})
-        nc["risk_conductance"] = res.conductance.risk(nc_vec["conductance"])
-        nc["risk_lcr"] = nc_df.lcr.to_numpy(np.float32)
-        nc["risk_lcr_sprt"] = (np.asarray(SPRT(tau).lcr(nc_vec["lcr_flips"] > 0.5)[0], np.float32) if "lcr_flips" in nc_vec
-                               else nc["risk_lcr"])
-        for kind, det in res.fusions.items():
-            nc[f"risk_fusion_{kind}"] = det.risk(np.column_stack([nc.risk_lcr, nc.risk_conductance]))
+        nc = risk_frame(nc_df, nc_vec, res, tau, "new-class", wrong=np.ones(len(nc_df), bool))
+        nc["label"] = nc_df.label.to_numpy()
         frame = pd.concat([frame, nc[frame.columns]], ignore_index=True)
     logits = read_logits(feature_dirs, frame.image_id.to_numpy())
     val = (frame.part == "val").to_numpy()
@@ -241,7 +262,8 @@ def read_error_rows(feature_dirs: list[Path], datasets: list[str]) -> tuple[pd.D
     first = next(p for d in feature_dirs for p in Path(d).rglob("*.parquet"))
     if "lcr_flips" in pq.read_schema(first).names:
         cols.append("lcr_flips")
-    table = storage.read_table(feature_dirs, cols, filter=pc.field("dataset").isin(datasets))
+    # rows without the error columns (ID train beyond errors.fit_fraction, jobs.rows) are not read
+    table = storage.read_table(feature_dirs, cols, filter=pc.field("dataset").isin(datasets) & pc.field("lcr").is_valid())
     table = table.sort_by("image_id")  # one order whatever the shard layout: the detectors' training depends on it
     vectors = {c: storage.vector_to_numpy(table.column(c)) for c in ("conductance", "lcr_flips") if c in table.column_names}
     df = table.drop_columns(list(vectors)).to_pandas()

@@ -10,7 +10,7 @@ RAP Table 1 and AE Tables 1–3 plus the AE ablation.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +21,7 @@ import pyarrow.compute as pc
 from jobs import storage
 from jobs.config import JobConfig
 from jobs.runtime import init_ray
+from jobs.sanity import gradcam_warning
 from jobs.shards import row_digest
 from jobs.stages.base import Child, Context, Stage, StageResult
 from jobs.workers import gpus_per_actor, model_state_arrays, rebuild_model
@@ -31,6 +32,7 @@ from oodlib.data.decode import decode_batch
 from oodlib.device import resolve_device
 from oodlib.reporting.attribution import render_grid
 from oodlib.reporting.tables import localization_markdown
+from oodlib.verdicts import top_flagged
 
 MAPS_SCHEMA_FIELDS = ["image_id", "reason", "method", "pred", "label", "height", "width", "map"]
 
@@ -38,6 +40,7 @@ MAPS_SCHEMA_FIELDS = ["image_id", "reason", "method", "pred", "label", "height",
 @dataclass
 class ExplainResult(StageResult):
     artifacts: list[Path]
+    warnings: list[str] = field(default_factory=list)
 
     def children(self, ctx: Context) -> list[Child]:
         metrics = {}
@@ -51,23 +54,27 @@ class ExplainResult(StageResult):
 
 class ExplainStage(Stage):
     name = "explain"
-    version = 3  # 2: localization maps explain the labelled class
+    version = 4  # 2: localization maps explain the labelled class; 4: top flagged incoming images
 
     def enabled(self, cfg: JobConfig) -> bool:
         return cfg.explain.enabled
 
     def needs(self, cfg: JobConfig) -> tuple[str, ...]:
-        return ("manifest", "score")
+        return ("manifest", "score", *(("verdicts",) if cfg.verdicts.enabled else ()))
 
     def key(self, ctx: Context, up: dict) -> dict:
         loc = ctx.cfg.explain.localization_data  # ground truth on disk: its list file and folder by stat
         truth = None if loc is None else [row_digest(None, str(p)) for p in (loc.list_file, loc.masks_dir or loc.voc_dir)]
-        return {"scores": up["score"].path.name, "model": ctx.model_hash, "explain": ctx.cfg.explain.model_dump(), "truth": truth}
+        return {"scores": up["score"].path.name, "model": ctx.model_hash, "explain": ctx.cfg.explain.model_dump(), "truth": truth,
+                "verdicts": up["verdicts"].path.name if "verdicts" in up else None}
 
     def run(self, ctx: Context, up: dict, tmp: Path) -> None:
         ray = init_ray()
         ex, model = ctx.cfg.explain, ctx.model
         chosen = select(up["score"].read(), dict(ex.counts), ex.seed)
+        if "verdicts" in up:  # the report shows the top flagged images of every incoming batch with their maps
+            flagged = flagged_selection(up["verdicts"].verdicts, ctx.cfg.data.incoming_datasets, ctx.cfg.verdicts.top_k)
+            chosen = pd.concat([chosen[~chosen.image_id.isin(flagged.image_id)], flagged], ignore_index=True)
         rows = up["manifest"].rows
         rows = rows.filter(pc.is_in(rows.column("image_id"), pa.array(chosen.image_id.tolist())))
         order = {iid: i for i, iid in enumerate(rows.column("image_id").to_pylist())}
@@ -97,7 +104,8 @@ class ExplainStage(Stage):
 
     def load(self, ctx: Context, up: dict, path: Path) -> ExplainResult:
         artifacts = sorted(path.glob("*.png")) + [p for p in (path / "localization.md",) if p.exists()]
-        return ExplainResult(path, artifacts)
+        warning = gradcam_warning(ctx.model) if "gradcam" in ctx.cfg.explain.methods else None
+        return ExplainResult(path, artifacts, [warning] if warning else [])
 
 
 def explain_task(spec_state: dict, model_name: str, num_classes: int, preprocess, images: list, paths: list, methods: list[str],
@@ -117,6 +125,15 @@ def select(scores: pd.DataFrame, counts: dict, seed: int) -> pd.DataFrame:
     """Images to explain from the scores table (confidence = MSP; OOD risk = the first other score column)."""
     ood_col = next(c for c in scores.columns if c.startswith("score_") and c != "score_msp")
     return select_images(scores.image_id, scores.pred, scores.label, scores.score_msp, scores[ood_col], counts, seed)
+
+
+def flagged_selection(verdicts: pd.DataFrame, incoming: list[str], k: int) -> pd.DataFrame:
+    """The ``k`` top flagged images (:func:`oodlib.verdicts.top_flagged`) of every incoming batch:
+    ``image_id``, ``reason`` = ``flagged-<batch>``."""
+    rows = verdicts[verdicts.dataset.isin(incoming) & (verdicts.verdict != "quarantined")]
+    parts = [top_flagged(group, k).assign(reason=f"flagged-{batch}")[["image_id", "reason"]]
+             for batch, group in rows.groupby("batch", sort=True)]
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame({"image_id": [], "reason": []})
 
 
 def maps_table(chosen: pd.DataFrame, labels: np.ndarray, maps: dict[str, np.ndarray], preds: np.ndarray) -> pa.Table:

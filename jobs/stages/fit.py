@@ -1,9 +1,13 @@
 """FIT: reduce the ID training features to fitted state (``fit/key=…/``).
 
 What the configured detectors need (class sums and counts, Σhhᵀ, an activation sketch) is
-reduced in Ray tasks, one partial per features file, and merged on the driver in file order
-(deterministic) — never through actor-local state, which a retry would double-count. Detectors that need the feature bank
-itself (KNN) get the ID-train features. Writes ``head.npz`` (W, b), ``class_means.npy``,
+reduced in Ray tasks, one partial per shard (its features files), and merged on the driver in file order
+(deterministic) — never through actor-local state, which a retry would double-count. The banks of
+KNN and NNGuide are drawn in the same tasks (their seeded sample by image id,
+:class:`oodlib.detectors.knn.SampledBank`): the driver holds only the sample, never the train split.
+Other detectors fitted on rows load their ``fit_split`` — with a ``fit_fraction`` below 1 only that
+seeded fraction, drawn in Ray tasks too (the same rows EMBED computed their columns on,
+:mod:`jobs.rows`). Writes ``head.npz`` (W, b), ``class_means.npy``,
 ``contribution.npy`` (LINE's C, D×C) and one ``detectors/<column>.safetensors`` per detector
 (the estimator's own state file, no pickle). Keyed by the ID-train rows, the model and the
 detector settings — new test images do not refit.
@@ -15,17 +19,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from jobs import storage
 from jobs.config import JobConfig
+from jobs.rows import FIT_SEED
 from jobs.runtime import init_ray
 from jobs.stages.base import Context, Stage, StageResult, rows_hash, rows_of
-from jobs.storage import vector_to_numpy
+from jobs.storage import column_numpy, vector_to_numpy
 from jobs.workers import cluster_cpus, ordered_map
 from oodlib.contribution import contribution_matrix
 from oodlib.detectors import Detector, Head
+from oodlib.detectors.knn import SampledBank
+from oodlib.sampling import sample_mask, unit_hash
 from oodlib.stats import ActivationSketch, ClassMoments, FitStats
 
 
@@ -36,7 +44,7 @@ class FitResult(StageResult):
 
 class FitStage(Stage):
     name = "fit"
-    version = 4
+    version = 5  # 5: banks sampled by image id in the workers; fit_fraction
 
     def needs(self, cfg: JobConfig) -> tuple[str, ...]:
         return ("manifest", "embed")
@@ -51,18 +59,22 @@ class FitStage(Stage):
         init_ray()
         detectors, dirs = ctx.build_detectors(), up["embed"].feature_dirs
         id_dataset = ctx.cfg.data.id_dataset
-        stats = train_stats(ctx, dirs, needs(detectors))
+        samples = tuple(dict.fromkeys(d.bank_sample() for d in detectors.values() if isinstance(d, SampledBank)))
+        stats, banks = train_stats(ctx, dirs, needs(detectors), samples)
         expected = id_train_rows(ctx, up)
         if stats.moments.counts.sum() != expected:
             raise storage.DamagedError(f"FIT read {stats.moments.counts.sum()} ID-train feature rows; the manifest has "
                                        f"{expected} usable ones that EMBED did not quarantine")
 
-        def load_split(split: str) -> tuple[np.ndarray, np.ndarray]:
+        def load_split(split: str, columns: tuple[str, ...], fraction: float = 1.0) -> tuple[np.ndarray, np.ndarray, dict]:
+            if fraction < 1:
+                return sampled_split(ctx, dirs, split, columns, fraction)
             rows = (pc.field("dataset") == id_dataset) & (pc.field("split") == split)
-            table = storage.read_table(dirs, ["features", "label"], filter=rows)
-            return storage.vector_to_numpy(table.column("features")), table.column("label").to_numpy()
+            table = storage.read_table(dirs, ["features", "label", *columns], filter=rows)
+            extras = {c: column_numpy(table.column(c)) for c in columns}
+            return storage.vector_to_numpy(table.column("features")), table.column("label").to_numpy(), extras
 
-        fit_detectors(detectors, stats, ctx.head, load_split)
+        fit_detectors(detectors, stats, ctx.head, load_split, banks, {d.key: d.fit_fraction for d in ctx.detectors})
         save_fitted(tmp, ctx.head, stats, detectors)
 
     def load(self, ctx: Context, up: dict, path: Path) -> FitResult:
@@ -86,9 +98,17 @@ def needs(detectors: dict[str, Detector]) -> set[str]:
     return {n for det in detectors.values() for n in det.fit_needs}
 
 
-def file_partial(path: str, num_classes: int, dim: int, second: bool, activations: bool, chunk: int = 4096) -> FitStats:
-    """FitStats of the ID-train rows of one features file, summed chunk by chunk in row order."""
-    table = pq.read_table(path, columns=["features", "label", "split"])
+def read_files(paths: list[str], columns: list[str]) -> pa.Table:
+    """The rows of features files, in the order given."""
+    return pa.concat_tables([pq.read_table(p, columns=columns) for p in paths])
+
+
+def file_partial(paths: list[str], num_classes: int, dim: int, second: bool, activations: bool, samples: tuple = (),
+                 chunk: int = 4096) -> tuple[FitStats, list[tuple[np.ndarray, np.ndarray]]]:
+    """FitStats of the ID-train rows of one shard's features files, summed chunk by chunk in row
+    order, and for each bank sample (fraction, seed, minimum) the ``u`` of every train row (8 bytes
+    a row) and the features of those with ``u < fraction``."""
+    table = read_files(paths, ["features", "label", "split", *(["image_id"] if samples else [])])
     table = table.filter(pc.equal(table.column("split"), "train"))
     total = FitStats(ClassMoments(np.zeros(num_classes, np.int64), np.zeros((num_classes, dim)), np.zeros((dim, dim)) if second else None),
                      ActivationSketch(np.zeros(0, np.uint32), np.zeros(0, np.int64)) if activations else None)
@@ -96,18 +116,25 @@ def file_partial(path: str, num_classes: int, dim: int, second: bool, activation
         part = table.slice(start, chunk)
         total = total.merge(FitStats.from_batch(vector_to_numpy(part.column("features")), part.column("label").to_numpy(),
                                                 num_classes, second, activations))
-    return total
+    drawn = []
+    for fraction, seed, minimum in samples:
+        u = unit_hash(table.column("image_id").to_pylist(), seed)
+        drawn.append((u, vector_to_numpy(table.column("features").filter(pa.array(u < fraction)))))
+    return total, drawn
 
 
-def train_files(feature_dirs: list[Path], id_dataset: str) -> list[str]:
-    """The features files holding ID rows, in a fixed order (shard by shard, then by name)."""
-    return [str(p) for d in feature_dirs for p in sorted((Path(d) / f"dataset={id_dataset}").glob("*.parquet"))]
+def train_files(feature_dirs: list[Path], id_dataset: str) -> list[list[str]]:
+    """The features files holding ID rows, in a fixed order: one list per shard (a Ray task's unit;
+    EMBED may write many small files per shard), by name within it."""
+    groups = [[str(p) for p in sorted((Path(d) / f"dataset={id_dataset}").glob("*.parquet"))] for d in feature_dirs]
+    return [g for g in groups if g]
 
 
-def train_stats(ctx: Context, feature_dirs: list[Path], needed: set[str]) -> FitStats:
-    """FitStats of the ID-train rows: one Ray task per features file (reads inside the task), the
-    partials merged on the driver **in file order** — float sums do not depend on which task
-    finishes first, so the same rows give the same bytes."""
+def train_stats(ctx: Context, feature_dirs: list[Path], needed: set[str], samples: tuple = ()) -> tuple[FitStats, dict]:
+    """FitStats of the ID-train rows and the drawn bank of each sample (fraction, seed, minimum):
+    one Ray task per shard (reads its files inside the task), the partials merged on the driver
+    **in file order** — float sums do not depend on which task finishes first, so the same rows
+    give the same bytes; a bank keeps the rows in file order. Returns (stats, {sample: N×D bank})."""
     import ray
 
     files = train_files(feature_dirs, ctx.cfg.data.id_dataset)
@@ -115,28 +142,81 @@ def train_stats(ctx: Context, feature_dirs: list[Path], needed: set[str]) -> Fit
         raise ValueError(f"no features of the ID dataset {ctx.cfg.data.id_dataset!r} to fit on")
     model = ctx.model
     task = ray.remote(num_cpus=1)(file_partial)
-    args = (model.num_classes, model.feature_dim, "second" in needed, "activations" in needed)
-    total = None
-    for part in ordered_map(lambda f: task.remote(f, *args), files, 2 * cluster_cpus(), ctx.cfg.runtime.stall_timeout_s,
-                            "FIT (partial sums per features file)"):
-        total = part if total is None else total.merge(part)
+    args = (model.num_classes, model.feature_dim, "second" in needed, "activations" in needed, samples)
+    total, parts = None, [[] for _ in samples]
+    for stats, drawn in ordered_map(lambda f: task.remote(f, *args), files, 2 * cluster_cpus(), ctx.cfg.runtime.stall_timeout_s,
+                                    "FIT (partial sums per shard)"):
+        total = stats if total is None else total.merge(stats)
+        for acc, (u, h) in zip(parts, drawn):  # copies: a view would pin the task's whole result in the object store
+            acc.append((np.array(u), np.array(h)))
     if total.moments.counts.sum() == 0:
         raise ValueError(f"no ID training rows of {ctx.cfg.data.id_dataset!r} to fit on")
-    return total
+    banks = {}
+    for (fraction, seed, minimum), acc in zip(samples, parts):
+        u = np.concatenate([a[0] for a in acc])
+        drawn = sample_mask(u, fraction, minimum)
+        if drawn.sum() == (u < fraction).sum():
+            banks[fraction, seed, minimum] = np.concatenate([a[1] for a in acc])
+        else:  # fewer than `minimum` rows below the fraction (a small train split): another pass for the top-up
+            below = float(np.nextafter(u[drawn].max(), 1.0))
+            task = ray.remote(num_cpus=1)(file_rows)
+            banks[fraction, seed, minimum] = np.concatenate([
+                part[0] for part in ordered_map(lambda f: task.remote(f, "train", (), below, seed), files, 2 * cluster_cpus(),
+                                                ctx.cfg.runtime.stall_timeout_s, "FIT (bank rows)")])
+    return total, banks
+
+
+def file_rows(paths: list[str], split: str, columns: tuple[str, ...], fraction: float, seed: int = FIT_SEED) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(features, labels, {column: values}) of the rows of ``split`` in one shard's features files
+    whose ``u(image_id, seed) < fraction`` (:mod:`jobs.rows`: the rows EMBED computed their columns on)."""
+    table = read_files(paths, ["image_id", "features", "label", "split", *columns])
+    table = table.filter(pc.equal(table.column("split"), split))
+    table = table.filter(pa.array(unit_hash(table.column("image_id").to_pylist(), seed) < fraction))
+    return vector_to_numpy(table.column("features")), table.column("label").to_numpy(), {c: column_numpy(table.column(c)) for c in columns}
+
+
+def sampled_split(ctx: Context, feature_dirs: list[Path], split: str, columns: tuple[str, ...], fraction: float):
+    """The seeded ``fraction`` of the ID ``split`` (features, labels, columns), drawn in one Ray task
+    per shard and concatenated in file order: the driver holds only the fraction."""
+    import ray
+
+    task = ray.remote(num_cpus=1)(file_rows)
+    files = train_files(feature_dirs, ctx.cfg.data.id_dataset)
+    parts = list(ordered_map(lambda f: task.remote(f, split, columns, fraction), files, 2 * cluster_cpus(),
+                             ctx.cfg.runtime.stall_timeout_s, f"FIT (a {fraction:g} fraction of the {split} split)"))
+    h = np.concatenate([p[0] for p in parts])
+    y = np.concatenate([p[1] for p in parts])
+    return h, y, {c: np.concatenate([p[2][c] for p in parts]) for c in columns}
 
 
 def fit_detectors(
-    detectors: dict[str, Detector], stats: FitStats, head: Head, load_split: Callable[[str], tuple[np.ndarray, np.ndarray]]
+    detectors: dict[str, Detector], stats: FitStats, head: Head,
+    load_split: Callable[..., tuple[np.ndarray, np.ndarray, dict]], banks: dict | None = None,
+    fractions: dict[str, float] | None = None,
 ) -> None:
-    """Fit every detector: on the rows of its ``fit_split`` when it needs them (a bank of
-    features, or the ID val split for e.g. a fitted temperature; each split loaded at most once),
-    else from the merged ID-train statistics."""
-    banks: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    for det in detectors.values():
-        if "bank" in det.fit_needs or det.fit_split != "train":
-            if det.fit_split not in banks:
-                banks[det.fit_split] = load_split(det.fit_split)
-            det.fit(*banks[det.fit_split], head)
+    """Fit every detector: a :class:`SampledBank` on its drawn bank (``banks[det.bank_sample()]``),
+    one fitted on rows on those of its ``fit_split`` (its ``fractions[key]`` of them; each split
+    loaded at most once, and dropped after the last detector fitted on it), else from the merged
+    ID-train statistics."""
+    splits = {key: (det.fit_split, det.fit_columns, (fractions or {}).get(key, 1.0)) for key, det in detectors.items()
+              if not (isinstance(det, SampledBank) and banks is not None) and ("bank" in det.fit_needs or det.fit_split != "train")}
+    uses = {split: list(splits.values()).count(split) for split in splits.values()}
+    loaded: dict[tuple, tuple[np.ndarray, np.ndarray, dict]] = {}
+    for key, det in detectors.items():
+        if key in splits:
+            split = splits[key]
+            if split not in loaded:
+                loaded[split] = load_split(*split)
+            h, y, extras = loaded[split]
+            if det.fit_columns:
+                det.fit(h, y, head, extras=extras)
+            else:
+                det.fit(h, y, head)
+            uses[split] -= 1
+            if not uses[split]:  # freed after its last detector: the driver holds the splits in use only
+                del loaded[split], h, y, extras
+        elif isinstance(det, SampledBank) and banks is not None:
+            det.fit_bank(banks[det.bank_sample()], head)
         else:
             det.fit_stats(stats, head)
 

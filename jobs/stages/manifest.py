@@ -43,7 +43,7 @@ class ManifestResult(StageResult):
 
 class ManifestStage(Stage):
     name = "manifest"
-    version = 3
+    version = 4  # 4: limit_per_split per (dataset, split, batch)
 
     def key(self, ctx: Context, up: dict) -> dict:
         cfg = ctx.cfg
@@ -64,10 +64,12 @@ class ManifestStage(Stage):
             table = read_manifest(cfg.data.manifest, strict=False)
         elif cfg.data.source == "folders":
             table = self._table
-        else:
+        else:  # the embedded benchmark and its simulated nightly production batches (dataset ``prod``)
             from oodlib.data.digits import build_digits
+            from oodlib.data.incoming import digits_incoming_batches
 
-            table = manifest_from_image_sets(build_digits(cfg.data.seed))
+            sets = build_digits(cfg.data.seed)
+            table = manifest_from_image_sets([*sets, *digits_incoming_batches(cfg.data.seed, sets=sets)])
         rows, quarantined = select_rows(table, cfg, ctx.model.num_classes)
         storage.write_table(rows, tmp, "rows.parquet")
         storage.write_table(quarantined, tmp, "quarantine.parquet")
@@ -87,7 +89,7 @@ class ManifestStage(Stage):
 def wanted_datasets(cfg: JobConfig) -> dict[str, list[str]]:
     """The datasets this job needs, by the config field that names them."""
     wanted = {"data.id_dataset": [cfg.data.id_dataset], "data.ood_datasets": cfg.data.ood_datasets,
-              "data.extra_datasets": cfg.data.extra_datasets}
+              "data.extra_datasets": cfg.data.extra_datasets, "data.incoming_datasets": cfg.data.incoming_datasets}
     if cfg.graph.enabled:
         wanted["graph.train_dataset"] = [cfg.graph.train_dataset]
         wanted["graph.oe_dataset"] = [cfg.graph.oe_dataset]
@@ -132,7 +134,7 @@ def select_rows(manifest: pa.Table, cfg: JobConfig, num_classes: int) -> tuple[p
     A user manifest is the job's input as a whole: its rows of datasets the config does not name
     (a misspelt "Digits", a null dataset) are quarantined, not dropped. A built manifest (digits,
     folders) holds only the sets it was built from; the ones not needed are left out. At most
-    ``limit_per_split`` rows per (dataset, split) are kept (:func:`~oodlib.data.manifest.spread_sample`:
+    ``limit_per_split`` rows per (dataset, split, batch) are kept (:func:`~oodlib.data.manifest.spread_sample`:
     every subset and class, evenly spaced in manifest order).
 
     Raises :class:`ConfigError` naming the config field when a dataset is not in the manifest.
@@ -163,8 +165,10 @@ def select_rows(manifest: pa.Table, cfg: JobConfig, num_classes: int) -> tuple[p
 
 
 def limited(table: pa.Table, limit: int) -> np.ndarray:
-    """Keep-mask of at most ``limit`` rows per (dataset, split), spread over subsets and classes."""
-    keys = np.char.add(np.asarray(table.column("dataset").to_pylist(), str), np.asarray(table.column("split").to_pylist(), str))
+    """Keep-mask of at most ``limit`` rows per (dataset, split, batch), spread over subsets and
+    classes (incoming data keep ``limit`` rows per night)."""
+    columns = [np.asarray(table.column(c).fill_null("").to_pylist(), str) for c in ("dataset", "split", "batch")]
+    keys = np.char.add(np.char.add(np.char.add(columns[0], "\0"), np.char.add(columns[1], "\0")), columns[2])
     labels = np.asarray(table.column("label").fill_null(-1).to_numpy(zero_copy_only=False))
     subsets = np.asarray(table.column("subset").fill_null("").to_pylist(), str)
     keep = np.zeros(len(keys), bool)

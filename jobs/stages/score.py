@@ -21,32 +21,40 @@ from jobs.config import JobConfig
 from jobs.runtime import init_ray
 from jobs.shards import commit_shard
 from jobs.stages.base import Context, ShardFiles, Stage, StageResult
-from jobs.storage import StageDir, parquet_rows, vector_to_numpy
+from jobs.storage import StageDir, column_numpy, parquet_rows, vector_to_numpy
 from jobs.workers import cluster_cpus, fetch, ordered_map
 from oodlib.detectors import Detector, ScoreInputs
 
-SHARD_VERSION = 2
-ID_COLUMNS = ("image_id", "dataset", "split", "label", "subset", "pred")
+SHARD_VERSION = 3
+ID_COLUMNS = ("image_id", "dataset", "split", "label", "subset", "batch", "pred")
 
 
 def score_batch(batch: pa.Table, detectors: dict[str, Detector]) -> pa.Table:
-    """Score one features batch with every detector; one ``score_<key>`` column each."""
+    """Score one features batch with every detector; one ``score_<key>`` column each — null on the
+    rows where an EMBED column the detector reads is missing (not computed there, :mod:`jobs.rows`)."""
     needed = {c for det in detectors.values() for c in det.requires} - {"features", "logits"}
     inputs = ScoreInputs(
         features=vector_to_numpy(batch.column("features")),
         logits=vector_to_numpy(batch.column("logits")),
-        extras={c: _column_numpy(batch.column(c)) for c in needed},
+        extras={c: column_numpy(batch.column(c)) for c in needed},
     )
     cols = {c: batch.column(c) for c in ID_COLUMNS}
+    # a row whose EMBED column a detector reads was not computed there (jobs.rows) gets a null score
+    missing = {c: np.isnan(v.reshape(len(v), -1)).all(1) for c, v in inputs.extras.items()}
     for key, det in detectors.items():
-        cols[f"score_{key}"] = pa.array(det.score(inputs))
+        absent = np.zeros(batch.num_rows, bool)
+        for c in det.requires:
+            absent |= missing.get(c, absent)
+        if not absent.any():
+            cols[f"score_{key}"] = pa.array(det.score(inputs))
+            continue
+        scores = np.full(batch.num_rows, np.nan, np.float32)
+        have = np.flatnonzero(~absent)
+        if len(have):
+            scores[have] = det.score(ScoreInputs(inputs.features[have], inputs.logits[have],
+                                                 {c: v[have] for c, v in inputs.extras.items()}))
+        cols[f"score_{key}"] = pa.array(scores, mask=absent)
     return pa.table(cols)
-
-
-def _column_numpy(column: pa.ChunkedArray) -> np.ndarray:
-    if pa.types.is_fixed_size_list(column.type):
-        return vector_to_numpy(column)
-    return column.to_numpy()
 
 
 def detector_specs(detectors: dict[str, Detector]) -> dict[str, tuple[str, dict, dict]]:
@@ -64,7 +72,9 @@ class ScoreWorker:
         from oodlib.detectors import DETECTORS
 
         specs = fetch(specs_ref)
-        self.detectors = {k: DETECTORS[name](**params).load_state_dict(state) for k, (name, params, state) in specs.items()}
+        # writable copies: arrays from the object store are read-only, and torch wants writable memory
+        self.detectors = {k: DETECTORS[name](**params).load_state_dict({a: np.array(v) for a, v in state.items()})
+                          for k, (name, params, state) in specs.items()}
 
     def score_shard(self, features_dir: str, out_dir: str, batch_size: int = 4096) -> int:
         """Score one shard's features into ``out_dir`` (partitioned by dataset); returns its rows."""

@@ -21,6 +21,13 @@ MAX_PIXELS = 64_000_000
 MAX_BYTES = 64 * 2**20
 
 
+#: ``path`` values ``synthetic:<seed>`` decode, without any file, to a deterministic random image:
+#: uniform uint8 pixels at the model's input size from ``numpy.random.default_rng(<seed>)`` — a few
+#: microseconds a row. For scale benchmarks of the pipeline's mechanics (``benchmarks/bench_scale.py``:
+#: ImageNet's row counts without ImageNet's decoding cost); a bad seed is quarantined.
+SYNTHETIC = "synthetic:"
+
+
 class DecodeError(ValueError):
     """An image that cannot be decoded; the message is the quarantine reason."""
 
@@ -109,6 +116,16 @@ def normalize(pixels: np.ndarray, pre: Preprocess) -> np.ndarray:
     return (arr - mean) / std
 
 
+def synthetic_pixels(path: str, pre: Preprocess) -> np.ndarray:
+    """The pixels (uint8 at ``pre.size``) of a ``synthetic:<seed>`` path (see :data:`SYNTHETIC`)."""
+    try:
+        seed = int(path[len(SYNTHETIC):])
+    except ValueError:
+        raise DecodeError(f"synthetic image {path!r}: the seed is not an integer") from None
+    shape = tuple(pre.size) if pre.channels == 1 else (*pre.size, pre.channels)
+    return np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
+
+
 def decode_batch(
     images: list[bytes | None], paths: list[str | None], pre: Preprocess, max_bytes: int = MAX_BYTES,
 ) -> tuple[torch.Tensor, list[str | None]]:
@@ -120,7 +137,10 @@ def decode_batch(
     arrays, reasons = [], []
     for data, path in zip(images, paths):
         try:
-            arr = preprocess_pil(load_pil(data, path, max_bytes), pre)
+            if data is None and path is not None and path.startswith(SYNTHETIC):
+                arr = normalize(synthetic_pixels(path, pre), pre)
+            else:
+                arr = preprocess_pil(load_pil(data, path, max_bytes), pre)
             if not np.isfinite(arr).all():
                 raise DecodeError("non-finite pixel values after preprocessing")
         except DecodeError as exc:

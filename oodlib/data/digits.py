@@ -33,7 +33,8 @@ IMAGE_SIZE = 32
 
 @dataclass
 class ImageSet:
-    """Images of one dataset/split: ``images`` uint8 (N×32×32), ``labels`` int (N,), ids (N,)."""
+    """Images of one dataset/split: ``images`` uint8 (N×32×32), ``labels`` int (N,), ids (N,),
+    optionally per image a ``subset`` (e.g. a corruption) and a ``batch`` (e.g. the night it arrived)."""
 
     dataset: str
     split: str
@@ -41,6 +42,8 @@ class ImageSet:
     labels: np.ndarray
     image_ids: list[str]
     subsets: list[str] = field(default_factory=list)
+    #: per image: the batch it arrived in (incoming data: the night), or empty
+    batches: list[str] = field(default_factory=list)
 
 
 def _upsample(images8: np.ndarray) -> np.ndarray:

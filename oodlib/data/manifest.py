@@ -2,6 +2,7 @@
 
 Columns: ``image_id`` (stable string, unique), ``dataset``, ``split`` (train/val/test),
 ``label`` (int32, −1 for OOD), ``subset`` (string, may be empty: e.g. a corruption name),
+``batch`` (string, may be empty: e.g. the night an incoming image arrived, ``2026-12-01``),
 and the image as either ``path`` (string, absolute or relative to the manifest's ``root``) or
 ``image`` (encoded bytes). Builders: from arrays (the embedded default), an ImageFolder tree,
 a list file.
@@ -26,6 +27,7 @@ MANIFEST_SCHEMA = pa.schema(
         ("split", pa.string()),
         ("label", pa.int32()),
         ("subset", pa.string()),
+        ("batch", pa.string()),
         ("path", pa.string()),
         ("image", pa.binary()),
     ]
@@ -55,6 +57,7 @@ def manifest_from_image_sets(sets: Iterable[ImageSet]) -> pa.Table:
         cols["split"] += [s.split] * n
         cols["label"] += [int(v) for v in s.labels]
         cols["subset"] += list(s.subsets) if s.subsets else [""] * n
+        cols["batch"] += list(s.batches) if s.batches else [""] * n
         cols["path"] += [None] * n
         cols["image"] += [encode_png(im) for im in s.images]
     return pa.Table.from_pydict(cols, schema=MANIFEST_SCHEMA)
@@ -137,6 +140,7 @@ def _path_table(rows: list[tuple[Path, int]], root: Path, dataset: str, split: s
             "split": [split] * n,
             "label": [lab for _, lab in rows],
             "subset": [""] * n,
+            "batch": [""] * n,
             "path": [str(p.resolve()) for p, _ in rows],
             "image": [None] * n,
         },
@@ -208,7 +212,7 @@ def conform(table: pa.Table, source: str = "manifest") -> pa.Table:
                 arrays.append(table.column(f.name).cast(f.type))
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
                 raise ManifestError(f"{source}: column {f.name!r} cannot be read as {f.type}: {exc}") from exc
-        elif f.name == "subset":
+        elif f.name in ("subset", "batch"):
             arrays.append(pa.array([""] * n, pa.string()))
         else:
             arrays.append(pa.nulls(n, f.type))

@@ -26,7 +26,7 @@ def keep_count(n: int, percentile: float) -> int:
 
 def top_k(h: np.ndarray, percentile: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(h as a float32 tensor, top-k values, their indices) per row, k = :func:`keep_count`."""
-    t = torch.from_numpy(np.ascontiguousarray(h, np.float32))
+    t = torch.from_numpy(np.array(h, np.float32, order="C"))  # a copy: stored features may be read-only
     v, i = torch.topk(t, keep_count(t.shape[1], percentile), dim=1)
     return t, v, i
 

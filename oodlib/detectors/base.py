@@ -59,6 +59,9 @@ class Detector(Estimator):
     #: the ID split the detector is fitted on: ``train``, or ``val`` for what is fitted on held-out
     #: data (a temperature by NLL); a non-train split is always fitted with ``fit`` on its rows
     fit_split: ClassVar[str] = "train"
+    #: EMBED columns ``fit`` reads besides features and labels (``fit(…, extras={column: values})``,
+    #: :class:`oodlib.detectors.columns.ColumnFitted`)
+    fit_columns: ClassVar[tuple[str, ...]] = ()
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)

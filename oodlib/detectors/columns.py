@@ -9,8 +9,6 @@ that the layout is the fitted one.
 """
 from __future__ import annotations
 
-from typing import ClassVar
-
 import numpy as np
 
 from oodlib.detectors.base import Detector, Head
@@ -19,8 +17,6 @@ from oodlib.detectors.base import Detector, Head
 class ColumnFitted(Detector):
     """Base of the detectors fitted on EMBED columns; subclasses implement ``_fit``."""
 
-    #: the EMBED columns ``fit`` reads (besides features and labels)
-    fit_columns: ClassVar[tuple[str, ...]] = ()
     fit_needs = ("bank",)  # fitted on the rows themselves (FIT loads the split), never from partial sums
 
     def fit(self, features: np.ndarray, labels: np.ndarray, head: Head, extras: dict | None = None) -> "ColumnFitted":

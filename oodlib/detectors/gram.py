@@ -23,7 +23,12 @@ import numpy as np
 from scipy.special import softmax
 
 from oodlib.detectors.base import Head, ScoreInputs
-from oodlib.detectors.columns import ColumnFitted, as_tuple, layer_blocks, random_layer_columns
+from oodlib.detectors.columns import (
+    ColumnFitted,
+    as_tuple,
+    layer_blocks,
+    random_layer_columns,
+)
 
 
 def gram_deviation(g: np.ndarray, mins: np.ndarray, maxs: np.ndarray, widths) -> np.ndarray:
@@ -61,6 +66,8 @@ class Gram(ColumnFitted):
     def __init__(self, layers: list[str] | str | None = None, powers=(1, 2, 3, 4, 5), holdout: float = 0.1, seed: int = 0) -> None:
         self.layers = as_tuple(layers)
         self.powers = as_tuple(powers, int)
+        if not self.powers or min(self.powers) < 1:
+            raise ValueError(f"Gram: powers must be integers ≥ 1, got {powers}")
         self.holdout = float(holdout)
         self.seed = int(seed)
 

@@ -23,7 +23,13 @@ from __future__ import annotations
 import numpy as np
 
 from oodlib.detectors.base import Head, ScoreInputs
-from oodlib.detectors.columns import ColumnFitted, as_tuple, layer_blocks, per_layer, random_layer_columns
+from oodlib.detectors.columns import (
+    ColumnFitted,
+    as_tuple,
+    layer_blocks,
+    per_layer,
+    random_layer_columns,
+)
 
 
 def nac_thresholds(m: int) -> np.ndarray:

@@ -7,16 +7,18 @@ from scipy.special import logsumexp
 
 from oodlib.detectors._util import chunks
 from oodlib.detectors.base import Detector, Head, ScoreInputs
+from oodlib.detectors.knn import SampledBank
 from oodlib.detectors.logits import energy_score
 from oodlib.faiss_index import l2_normalize
 
 
-class NNGuide(Detector):
+class NNGuide(SampledBank, Detector):
     """Score = E(x) · mean of the k largest ⟨ĥ(x), b_i⟩, b_i = ĥ_i·E_i over the bank of ID-train
     rows (ĥ = h/‖h‖₂, E = logsumexp of the logits).
 
-    The bank is a seeded random fraction ``alpha`` of the ID-train rows (at least k), k = 10, as
-    in the authors' code (``bankset_ratio=0.01``); OpenOOD takes the *first* 1% of the train
+    The bank is a seeded random fraction ``alpha`` of the ID-train rows (at least k; drawn by image
+    id in FIT's workers, :class:`~oodlib.detectors.knn.SampledBank`), k = 10, as in the authors'
+    code (``bankset_ratio=0.01``); OpenOOD takes the *first* 1% of the train
     loader with K = 100 and adds 1e-10 to every normalized entry. pytorch-ood's ``NNGuide(k=10)``
     uses every row it is fitted on and returns −score. Exact search (float32 GEMM + top-k).
 
@@ -32,21 +34,17 @@ class NNGuide(Detector):
         self.alpha = float(alpha)
         self.seed = int(seed)
 
-    def fit(self, features: np.ndarray, labels: np.ndarray | None, head: Head) -> "NNGuide":
+    def fit_bank(self, features: np.ndarray, head: Head) -> "NNGuide":
         features = np.asarray(features, np.float32)
         if len(features) < self.k:
             raise ValueError(f"k={self.k} exceeds the {len(features)} ID-train rows")
-        if self.alpha < 1.0:
-            rng = np.random.default_rng(self.seed)
-            size = max(self.k, int(round(self.alpha * len(features))))
-            features = features[np.sort(rng.choice(len(features), size=size, replace=False))]
         energy = logsumexp(np.asarray(head.logits(features), np.float64), axis=1)
         self.bank_ = np.ascontiguousarray(l2_normalize(features) * energy[:, None].astype(np.float32))
         self._restore()
         return self
 
     def _restore(self) -> None:
-        self._bank = torch.from_numpy(np.ascontiguousarray(self.bank_, np.float32))
+        self._bank = torch.from_numpy(np.array(self.bank_, np.float32, order="C"))  # a copy: loaded state may be read-only
 
     def guidance(self, features: np.ndarray) -> np.ndarray:
         """Mean of the k largest inner products of each normalized row with the bank (N,)."""

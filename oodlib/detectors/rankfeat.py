@@ -1,7 +1,9 @@
 """RankFeat (Song et al., NeurIPS 2022): energy after removing the rank-1 component of feature maps.
 
 EMBED computes the score itself (:class:`oodlib.layers.RankFeat`, the ``rankfeat`` column): per
-layer l in ``layers`` the C×HW map minus σ₁u₁v₁ᵀ (exact SVD) runs through the rest of the network
+layer l in ``layers`` the C×HW map minus σ₁u₁v₁ᵀ (the exact top singular pair — from a float64
+eigensolver on the smaller Gram matrix, :func:`oodlib.layers.remove_rank1`, rather than the
+authors' float32 SVD: the same component, faster) runs through the rest of the network
 to logits zₗ, and score = T·logsumexp(mean over layers of zₗ / T). The default layers are the last
 block and the one before (layer4, layer3 for ResNets): the authors' logit-space fusion.
 

@@ -9,7 +9,7 @@ from oodlib.models.torchvision_models import (
     TORCHVISION_MODELS, WeightsError, build_torchvision, head_classes, load_state_dict_file,
 )
 
-MODELS = ("digits-cnn", "densenet-bc-100", *TORCHVISION_MODELS)
+MODELS = ("digits-cnn", "densenet-bc-100", "standin-imagenet", *TORCHVISION_MODELS)
 
 
 def load_model(
@@ -39,6 +39,11 @@ def load_model(
         if num_classes is None:
             num_classes = head_classes(load_state_dict_file(weights)) if weights is not None else 1000
         return with_preprocess(build_densenet_bc100(num_classes, weights), preprocess)
+    if name == "standin-imagenet":  # a fixed seeded initialization unless weights are given
+        model = build_model(name, num_classes or 1000, preprocess)
+        if weights is not None:
+            model.load_state_dict(load_state_dict_file(weights))
+        return model
     if name in TORCHVISION_MODELS:
         return build_torchvision(name, weights, num_classes, preprocess)
     raise KeyError(f"unknown model {name!r}; known: {MODELS}")
@@ -61,6 +66,10 @@ def build_model(name: str, num_classes: int = 1000, preprocess: Preprocess | Non
         from oodlib.models.densenet_bc import build_densenet_bc100
 
         return with_preprocess(build_densenet_bc100(num_classes).eval(), preprocess)
+    if name == "standin-imagenet":
+        from oodlib.models.standin import build_standin
+
+        return with_preprocess(build_standin(num_classes), preprocess)
     if name in TORCHVISION_MODELS:
         return build_torchvision(name, None, num_classes, preprocess)
     raise KeyError(f"unknown model {name!r}; known: {MODELS}")

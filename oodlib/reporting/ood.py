@@ -24,7 +24,8 @@ def plot_roc_and_histograms(scores: pd.DataFrame, id_dataset: str, ood_datasets:
         method = column.removeprefix("score_")
         fig, (ax_roc, ax_hist) = plt.subplots(1, 2, figsize=(11, 4.2))
         s_id = id_rows[column].to_numpy()
-        bins = np.histogram_bin_edges(scores[column].to_numpy(), bins=50)
+        every = scores[column].to_numpy(np.float64)
+        bins = np.histogram_bin_edges(every[np.isfinite(every)], bins=50)  # null where a detector's EMBED column was not computed
         ax_hist.hist(s_id, bins=bins, alpha=0.55, density=True, label=f"{id_dataset} (ID)")
         for ood in ood_datasets:
             s_ood = scores.loc[scores.dataset == ood, column].to_numpy()

@@ -17,7 +17,7 @@ def results_markdown(metrics: pd.DataFrame) -> str:
     ID accuracy) — the wrong-prediction table, the failure-detection tables per failure source
     (:func:`failure_markdown`), then ID accuracy lines."""
     lines: list[str] = []
-    for task, title in (("ood", "OOD detection"), ("ood-lt", "Long-tailed OOD (graph stage)")):
+    for task, title in (("ood", "OOD detection (percent)"), ("ood-lt", "Long-tailed OOD, graph stage (percent)")):
         rows = metrics[metrics.task == task]
         if rows.empty:
             continue
@@ -31,13 +31,13 @@ def results_markdown(metrics: pd.DataFrame) -> str:
     if not err.empty:
         wide = err.pivot_table(index="method", columns=["dataset", "metric"], values="value", sort=False)
         cols = [c for c in [(d, m) for d in ("val", "test") for m in ("auroc", "recall_correct", "recall_wrong")] if c in wide.columns]
-        lines += ["### Wrong-prediction detection (wrong = positive; recalls at the equal-recall threshold fitted on val)", "",
+        lines += ["### Wrong-prediction detection (percent; wrong = positive; recalls at the equal-recall threshold fitted on val)", "",
                   "| method | " + " | ".join(f"{d} {m}" for d, m in cols) + " |", "|---|" + "---:|" * len(cols)]
-        lines += [f"| {method} | " + " | ".join(f"{row[c]:.4f}" for c in cols) + " |" for method, row in wide.iterrows()] + [""]
+        lines += [f"| {method} | " + " | ".join(f"{100 * row[c]:.2f}" for c in cols) + " |" for method, row in wide.iterrows()] + [""]
     if (metrics.task == "failure").any():
         lines += [failure_markdown(metrics), ""]
     acc = metrics[metrics.task == "classify"]
-    lines += ["| ID set | accuracy |", "|---|---:|"] + [f"| {r.dataset} | {100 * r.value:.2f} |" for r in acc.itertuples()]
+    lines += ["| ID set | accuracy (percent) |", "|---|---:|"] + [f"| {r.dataset} | {100 * r.value:.2f} |" for r in acc.itertuples()]
     return "\n".join(lines)
 
 
@@ -73,8 +73,9 @@ def error_markdown(table: pd.DataFrame, lcr_t3: pd.DataFrame, used_mean: float, 
     """The wrong-prediction table (seed Tables 4–6), the LCR of correct vs wrong (Table 3) and the
     SPRT's mean mutant count (of ``n_mutants`` when every mutant ran)."""
     cols = ["val_auroc", "val_recall_correct", "val_recall_wrong", "test_auroc", "test_recall_correct", "test_recall_wrong"]
-    lines = ["| method | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
-    lines += [f"| {r['method']} | " + " | ".join(f"{r[c]:.4f}" for c in cols) + " |" for _, r in table.iterrows()]
+    lines = ["Wrong-prediction detection (percent; wrong = positive)", "",
+             "| method | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
+    lines += [f"| {r['method']} | " + " | ".join(f"{100 * r[c]:.2f}" for c in cols) + " |" for _, r in table.iterrows()]
     r = lcr_t3.iloc[0]
     lines += ["", f"LCR ({r.operator} {r.rate}): correct {r.correct_mean:.3f} ± {r.correct_std:.3f}, "
               f"wrong {r.wrong_mean:.3f} ± {r.wrong_std:.3f}",

@@ -227,7 +227,7 @@ def test_kuberay_rayjob():
     assert (doc["apiVersion"], doc["kind"]) == ("ray.io/v1", "RayJob")
     assert doc["metadata"]["name"]
     spec = doc["spec"]
-    assert spec["entrypoint"].split() == ["python", "-m", "jobs.nightly", "--config", "configs/imagenet.yaml"]
+    assert spec["entrypoint"].split() == ["python", "-m", "jobs.nightly", "--config", "configs/imagenet.yaml", "--set", "output=/data/outputs"]
     assert spec["shutdownAfterJobFinishes"] is True
     assert yaml.safe_load(spec["runtimeEnvYAML"])["working_dir"] == "/app"
     _check_ray_cluster_spec(spec["rayClusterSpec"], "rayjob.yaml")

@@ -42,7 +42,7 @@ def test_non_finite_rows_are_quarantined_with_reason():
     values = [0, 255, 40, 128]
     batch = pa.table({
         "image_id": [f"img-{v}" for v in values], "dataset": ["d"] * 4, "split": ["test"] * 4, "label": pa.array([0] * 4, pa.int64()),
-        "subset": [None] * 4, "shard": [0] * 4, "image": pa.array([png(v) for v in values], pa.binary()), "path": [None] * 4,
+        "subset": [None] * 4, "batch": [None] * 4, "shard": [0] * 4, "image": pa.array([png(v) for v in values], pa.binary()), "path": [None] * 4,
     })
     out = embed_batch(model, batch, torch.device("cpu")).to_pydict()
     reason = "non-finite features, logits or extras"

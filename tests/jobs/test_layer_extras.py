@@ -32,7 +32,7 @@ def manifest(digits_sets, n=6) -> pa.Table:
     s = digits_sets[("digits", "test")]
     return pa.table({
         "image_id": [f"img-{i}" for i in range(n)], "dataset": ["digits"] * n, "split": ["test"] * n,
-        "label": pa.array(s.labels[:n], pa.int64()), "subset": [None] * n, "shard": [0] * n,
+        "label": pa.array(s.labels[:n], pa.int64()), "subset": [None] * n, "batch": [None] * n, "shard": [0] * n,
         "image": pa.array([encode_png(im) for im in s.images[:n]], pa.binary()), "path": [None] * n,
     })
 

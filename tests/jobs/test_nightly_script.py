@@ -94,6 +94,14 @@ exit 99
 """
 
 
+FAKE_OODLIB = r"""#!/usr/bin/env bash
+# fake `oodlib`: `oodlib submit ARGS` is recorded by the fake ray as `ray job submit ARGS`
+[ "$1" = submit ] || { echo "fake oodlib: unexpected call: $*" >&2; exit 99; }
+shift
+exec ray job submit "$@"
+"""
+
+
 class Fake:
     def __init__(self, tmp_path: Path, outputs: dict, style: str = "record"):
         self.bin = tmp_path / "bin"
@@ -101,9 +109,9 @@ class Fake:
         self.project = tmp_path / "project"
         for d in (self.bin, self.state, self.project / "configs"):
             d.mkdir(parents=True)
-        ray = self.bin / "ray"
-        ray.write_text(FAKE_RAY)
-        ray.chmod(0o755)
+        for name, text in (("ray", FAKE_RAY), ("oodlib", FAKE_OODLIB)):
+            (self.bin / name).write_text(text)
+            (self.bin / name).chmod(0o755)
         (self.project / "configs" / "digits.yaml").write_text("name: digits\n")
         (self.project / "configs" / "imagenet.yaml").write_text("name: imagenet\n")
         for st in STATUSES:
@@ -161,8 +169,8 @@ def test_succeeded_exits_zero_with_dated_submission_id(fake):
     assert "--no-wait" in submit_args
     assert _opt(submit_args, "--working-dir") == "."
     assert _opt(submit_args, "--address") == "http://127.0.0.1:8265"
-    entry = submit_args[submit_args.index("--") + 1:]
-    assert entry == ["python", "-m", "jobs.nightly", "--config", "configs/digits.yaml", "--schedule", "nightly"]
+    assert _opt(submit_args, "--config") == "configs/digits.yaml" and _opt(submit_args, "--schedule") == "nightly"
+    assert _opt(submit_args, "--attempts") == "1"  # this script retries itself
     # token auth exported to ray, and `--working-dir .` is the project directory
     assert submit_env["RAY_AUTH_MODE"] == "token"
     assert Path(submit_env["PWD"]).resolve() == fake.project.resolve()
@@ -215,7 +223,13 @@ def test_env_overrides_and_config_argument(fake):
     (args, env), = fake.calls_of("submit")
     assert _opt(args, "--submission-id") == "nightly-imagenet-rerun"
     assert _opt(args, "--address") == "http://127.0.0.1:18265" == env["RAY_ADDRESS"]
-    assert args[args.index("--") + 1:][3:5] == ["--config", "configs/imagenet.yaml"]
+    assert _opt(args, "--config") == "configs/imagenet.yaml"
+
+
+def test_invalid_config_is_not_retried(fake):
+    proc = fake.run(["SUCCEEDED"], submit_rcs=(2, 0, 0), SUBMIT_ATTEMPTS="3")
+    assert proc.returncode == 64 and len(fake.calls_of("submit")) == 1
+    assert "invalid" in proc.stdout
 
 
 def test_existing_submission_is_watched_not_resubmitted(fake):

@@ -18,6 +18,7 @@ from oodlib.detectors import (
     make_detector, odin_score,
 )
 from oodlib.stats import ActivationSketch, FitStats
+from oodlib.sampling import unit_hash
 
 C, D = 5, 12
 
@@ -151,8 +152,9 @@ def test_knn_approximate_indexes_track_exact(kind):
 
 def test_knn_subsample_and_bank_checks():
     bank = np.random.default_rng(2).normal(size=(1000, 8)).astype(np.float32)
-    det = KNN(k=5, alpha=0.1).fit(bank)
-    assert det.bank_.shape == (100, 8)
+    det = KNN(k=5, alpha=0.1).fit(bank)  # the rows whose id hash is below 0.1 (≈ 100; ids: the row numbers)
+    assert det.bank_.shape == (int((unit_hash([str(i) for i in range(1000)], 0) < 0.1).sum()), 8)
+    assert 70 < len(det.bank_) < 130
     np.testing.assert_allclose(np.linalg.norm(det.bank_, axis=1), 1.0, rtol=1e-5)
     with pytest.raises(ValueError):
         KNN(k=50).fit(bank[:10])

@@ -81,15 +81,19 @@ def test_rankfeat_matches_pytorch_ood_and_openood(resnet, digits_model, digits_i
 
 def test_gram_rows_are_openood_gram_matrices():
     """Fᵖ(Fᵖᵀ1) = rowsum(FᵖFᵖᵀ), OpenOOD's ``G_p`` — also for signed maps and a B×C vector."""
-    def g_p(ob, p):  # OpenOOD gram_postprocessor.py
+    def g_p(ob, p):  # OpenOOD gram_postprocessor.py (here in float64)
         temp = ob.detach().double() ** p
         temp = temp.reshape(temp.shape[0], temp.shape[1], -1)
         temp = torch.matmul(temp, temp.transpose(dim0=2, dim1=1)).sum(dim=2)
         return (temp.sign() * torch.abs(temp) ** (1 / p)).reshape(temp.shape[0], -1)
 
     fmap = torch.randn(3, 5, 4, 4, generator=torch.Generator().manual_seed(0))
-    for t in (fmap, fmap.relu(), fmap[:, :, 0, 0]):
-        np.testing.assert_allclose(L.gram_rows(t, (1, 2, 3)), torch.cat([g_p(t, p) for p in (1, 2, 3)], 1), rtol=1e-10)
+    for t in (fmap, fmap.relu(), fmap[:, :, 0, 0], 0.01 * fmap.relu()):
+        np.testing.assert_allclose(L.gram_rows(t, (1, 2, 3)), torch.cat([g_p(t, p) for p in (1, 2, 3)], 1), rtol=1e-5)
+    big = 1e6 * fmap.relu()  # float32 Fᵖ·ΣFᵖ would overflow at p = 5 without the per-image scale
+    rows = L.gram_rows(big, (1, 5))
+    assert torch.isfinite(rows).all()
+    np.testing.assert_allclose(rows, torch.cat([g_p(big, p) for p in (1, 5)], 1), rtol=1e-5)
 
 
 def fit_columns(model, x, names, request):
@@ -112,7 +116,7 @@ def test_gram_matches_pytorch_ood(resnet, digits_model, digits_inputs, monkeypat
         held = holdout_rows(y, classes, 0.2, 3)
         perms = iter([torch.as_tensor(np.r_[np.flatnonzero(held[y == c]), np.flatnonzero(~held[y == c])]) for c in range(classes)])
         monkeypatch.setattr(PoodGram, "validation_fraction", 0.2)
-        monkeypatch.setattr("pytorch_ood.detector.gram.torch.randperm", lambda n: next(perms))
+        monkeypatch.setattr("pytorch_ood.detector.gram.torch.randperm", lambda n, perms=perms: next(perms))
         layers, top = stages(model, names)
         po = PoodGram(top, layers, classes, num_poles_list=[1, 2, 3, 4, 5])
         po.fit([(x, torch.as_tensor(y))])
@@ -189,3 +193,12 @@ def test_column_layout_is_checked(digits_model, digits_inputs):
     _, _, other = fit_columns(digits_model, x[:8], ("block1", "block3"), L.LayerMeans)
     with pytest.raises(ValueError, match="differ from the fitted"):
         det.score(ScoreInputs(h[:8], logits[:8], other))
+
+
+def test_rank1_removal_of_a_non_finite_map_is_nan():
+    fmap = torch.randn(3, 4, 2, 3, generator=torch.Generator().manual_seed(0))
+    fmap[1, 0, 0, 0] = float("inf")
+    out = L.remove_rank1(fmap)
+    assert torch.isnan(out[1]).all() and torch.isfinite(out[[0, 2]]).all()
+    np.testing.assert_allclose(out[[0, 2]], L.remove_rank1(fmap[[0, 2]]), rtol=1e-5, atol=1e-6)
+    assert torch.linalg.matrix_rank(out[0].reshape(4, 6)) == 3  # rank 4 → 3

@@ -27,6 +27,7 @@ from oodlib.detectors.pnml import PNML
 from oodlib.detectors.rmds import RMDS
 from oodlib.detectors.she import SHE
 from oodlib.detectors.vim import Residual, ViM, vim_dim
+from oodlib.sampling import unit_hash
 from tests.oodlib.detectors.peer_data import inputs, linear, problem, separable, t
 
 C, D = 6, 16
@@ -104,8 +105,9 @@ def test_nnguide_matches_pytorch_ood_and_openood(toy):
 def test_nnguide_bank_is_a_seeded_subsample(toy):
     h, y, head, test = toy
     det = NNGuide(k=5, alpha=0.1, seed=3).fit(h, y, head)
-    assert len(det.bank_) == round(0.1 * len(h))
-    rows = np.sort(np.random.default_rng(3).choice(len(h), size=len(det.bank_), replace=False))
+    # the rows whose id hash (seed 3) is below 0.1 (ids: the row numbers without image ids)
+    rows = np.flatnonzero(unit_hash([str(i) for i in range(len(h))], 3) < 0.1)
+    assert len(det.bank_) == len(rows) and 0.5 * 0.1 * len(h) < len(rows) < 1.5 * 0.1 * len(h)
     same = NNGuide(k=5, alpha=1.0).fit(h[rows], y[rows], head)
     np.testing.assert_array_equal(det.score(inputs(test, head)), same.score(inputs(test, head)))
     assert len(NNGuide(k=50, alpha=0.01).fit(h, y, head).bank_) == 50  # at least k rows

@@ -1,0 +1,362 @@
+"""``oodlib plan``: what a run will cost, before it runs and without the data.
+
+Per stage (and per EMBED extra): the rows it touches, the network passes per row, the bytes it
+writes, the estimated driver memory and per-worker memory, and the estimated time — EMBED's from a
+short calibration of the configured model on this machine's device (:mod:`jobs.calibrate`: a few
+batches, seconds), summed in GPU-hours (actor-hours) and divided over ``embed.num_actors``. Row
+counts come from a manifest (``--manifest``, or the config's), the embedded digits benchmark, or
+the ``rows:`` of each image set in ``data.sets`` (planning an ImageNet run on a laptop). The start of
+every run prints the short form (:func:`print_run_plan`). A plan whose driver memory exceeds
+``runtime.max_driver_memory_gb`` is refused: :class:`PlanRefused`, exit code 2.
+
+Estimates, not measurements: memory counts the big arrays a stage holds (Arrow + NumPy copies),
+times add fixed costs measured on a local Ray (:data:`FIXED`); FIT's and SCORE's are flop counts at
+the calibrated rate of one CPU and leave out the detectors' own overheads (OpenMax's per-class fits
+at C = 1000 …), so they are low for many-class heads. ``benchmarks/bench_scale.py`` measures.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from jobs.calibrate import Calibration, calibrate
+from jobs.config import ConfigError, JobConfig
+from jobs.rows import errors_rows, every_row, graph_rows, scored_rows
+
+GiB = 2**30
+#: fixed costs (seconds) on a local Ray, measured on a 2-core machine: Ray's start, one EMBED wave
+#: (a Ray Data pipeline whose actors start and load the model), a Ray task or actor worker start
+FIXED = {"ray_start": 3.0, "wave": 4.5, "batch": 0.004, "shard_commit": 0.05, "fit": 2.5, "score": 3.0,
+         "evaluate": 0.6, "plot": 0.1}
+READ_BPS, WRITE_BPS = 300e6, 150e6  # Parquet bytes/s per task (read, write)
+DRIVER_BASE = 0.6 * GiB  # the driver process: Python, torch, Ray, the model
+ACTOR_BASE = 0.5 * GiB
+MANIFEST_ROW_B = 400  # a manifest row in the driver (strings, the row identity), without image bytes
+META_ROW_B = 80  # ids, dataset, split … of a features/scores row on disk
+
+
+class PlanRefused(ConfigError):
+    """The plan's estimated driver memory exceeds ``runtime.max_driver_memory_gb``."""
+
+
+@dataclass
+class StageCost:
+    name: str
+    rows: float
+    work: str  # what a row costs: "1 F", "reads 2.1 GiB" …
+    written: float = 0.0  # bytes
+    driver: float = 0.0  # bytes the driver holds for the stage (beyond the run's base)
+    worker: float = 0.0  # host bytes per actor/task
+    device: float = 0.0  # accelerator bytes per actor (EMBED)
+    seconds: float = 0.0  # wall clock
+    device_seconds: float = 0.0  # actor-seconds holding a GPU (EMBED)
+    notes: list[str] = field(default_factory=list)
+    parts: list["StageCost"] = field(default_factory=list)  # EMBED's extras
+
+
+@dataclass
+class Plan:
+    experiment: str
+    counts: dict[tuple[str, str], int]
+    source: str
+    calibration: Calibration
+    stages: list[StageCost]
+    persistent: float  # bytes the driver holds for the whole run (base + manifest)
+    limit: float | None
+    actors: int = 1
+    batch_size: int = 1
+
+    @property
+    def driver_peak(self) -> tuple[float, str]:
+        top = max(self.stages, key=lambda s: s.driver)
+        return self.persistent + top.driver, top.name
+
+    @property
+    def gpu_hours(self) -> float:
+        return sum(s.device_seconds for s in self.stages) / 3600
+
+    @property
+    def seconds(self) -> float:
+        return sum(s.seconds for s in self.stages)
+
+
+def row_counts(cfg: JobConfig, manifest: str | Path | None = None) -> tuple[dict[tuple[str, str], int] | None, str]:
+    """Rows per (dataset, split) of the job (its datasets, ``limit_per_split``), and where they come
+    from; (None, why) when unknown (image sets on disk without ``rows:``)."""
+    from jobs.stages.manifest import wanted_datasets
+
+    counts: dict[tuple[str, str], int] = {}
+    manifest = manifest or (cfg.data.manifest if cfg.data.source == "manifest" else None)
+    if manifest is not None:
+        import pyarrow.parquet as pq
+
+        t = pq.read_table(manifest, columns=["dataset", "split"]).group_by(["dataset", "split"]).aggregate([([], "count_all")])
+        counts = {(d, s): n for d, s, n in zip(*(t.column(c).to_pylist() for c in ("dataset", "split", "count_all")))}
+        source = f"manifest {manifest}"
+    elif cfg.data.source == "digits":
+        from oodlib.data.digits import build_digits
+        from oodlib.data.incoming import digits_incoming_batches
+
+        sets = build_digits(cfg.data.seed)
+        for s in [*sets, *digits_incoming_batches(cfg.data.seed, sets=sets)]:
+            counts[s.dataset, s.split] = counts.get((s.dataset, s.split), 0) + len(s.image_ids)
+        source = "the embedded digits benchmark"
+    else:
+        missing = [f"{s.dataset}/{s.split}" for s in cfg.data.sets if s.rows is None]
+        if missing:
+            return None, f"data.sets {missing} have no rows: (give them, or --manifest)"
+        for s in cfg.data.sets:
+            val = (s.val_per_class or 0) * (cfg.model.num_classes or 1000) if (s.val_per_class or s.imbalance_ratio) else 0
+            counts[s.dataset, s.split] = counts.get((s.dataset, s.split), 0) + s.rows - val
+            if val:
+                counts[s.dataset, "val"] = counts.get((s.dataset, "val"), 0) + val
+        source = "the rows: of data.sets"
+    datasets = {n for names in wanted_datasets(cfg).values() for n in names}
+    limit = cfg.data.limit_per_split or math.inf
+    return {k: int(min(n, limit)) for k, n in sorted(counts.items()) if k[0] in datasets}, source
+
+
+def _passes(f: float, b: float) -> str:
+    return f"{f:g} F" + (f" + {b:g} B" if b else "")
+
+
+def _bank_rows(det, d, n: int) -> float:
+    """Rows a detector's fit holds on the driver (a drawn bank, a loaded split), or 0."""
+    if hasattr(det, "bank_sample"):
+        fraction, _, minimum = det.bank_sample()
+        return max(minimum, min(1.0, fraction) * n)
+    if "bank" in det.fit_needs or det.fit_split != "train":
+        return d.fit_fraction * n
+    return 0.0
+
+
+def estimate(cfg: JobConfig, counts: dict[tuple[str, str], int], cal: Calibration, source: str = "") -> Plan:
+    """The cost plan of ``cfg`` over ``counts`` rows with the calibration ``cal``."""
+    from jobs.extras import EXTRAS, wanted_extras
+    from oodlib.detectors import make_detector
+
+    e, D, C = cfg.embed, cal.feature_dim, cal.num_classes
+    n = float(sum(counts.values()))
+    id_ = cfg.data.id_dataset
+    n_train, n_split = counts.get((id_, "train"), 0), {s: counts.get((id_, s), 0) for s in ("train", "val", "test")}
+    extras = wanted_extras(cfg)
+    widths = {name: cal.widths.get(name, 0) for name in extras}
+    row_b = 4 * (D + C) + META_ROW_B + 4 * sum(widths.values())  # a row with every extra (a missing vector compresses away)
+    stages = []
+
+    # EMBED: decode + one forward per row, each extra on its rows
+    parts, device_s = [], n * (cal.decode + cal.forward)
+    for name, params in extras.items():
+        rows = EXTRAS[name].rows(cfg).expected(counts)
+        f, b = EXTRAS[name].passes(params, cfg)
+        per_row = cal.extras.get(name, (f + 2 * b) * cal.forward)
+        parts.append(StageCost(name, rows, _passes(f, b), written=4 * widths[name] * rows, device_seconds=rows * per_row))
+        device_s += rows * per_row
+    actors = max(1, e.num_actors)
+    waves = math.ceil(min(e.num_shards, max(1, n)) / e.shards_per_wave)
+    embed = StageCost(
+        "embed", n, "decode + 1 F", written=n * (4 * (D + C) + META_ROW_B) + sum(p.written for p in parts), device_seconds=device_s,
+        driver=n * (MANIFEST_ROW_B + cal.image_bytes) * 2,  # the rows with their identities, the waves' filtered copies
+        worker=ACTOR_BASE + 2 * cal.model_bytes + 3 * e.batch_size * row_b,
+        device=cal.model_bytes + e.batch_size * cal.activation_bytes,
+        seconds=(0 if cal.ray_running else FIXED["ray_start"]) + waves * FIXED["wave"] + device_s / actors
+        + n / e.batch_size * FIXED["batch"] + e.num_shards * FIXED["shard_commit"] + n * row_b / WRITE_BPS / actors,
+        parts=parts)
+    embed.notes.append(f"a wave's output waits in the object store until written: ≈ {_b(n / waves * row_b)} "
+                       f"({waves} waves of embed.shards_per_wave {e.shards_per_wave})")
+    stages.append(embed)
+
+    # FIT: partial sums and the KNN/NNGuide banks in one task per features file; other banks load their split
+    dets = {d.key: (make_detector(d.name, **d.params), d) for d in cfg.detectors}
+    needs = {x for det, _ in dets.values() for x in det.fit_needs}
+    files = max(1, e.num_shards)
+    id_rows = sum(n_split.values())
+    driver, notes = 8.0 * C * D + (8.0 * D * D if "second" in needs else 0), []
+    loaded: dict[tuple, float] = {}
+    last: dict[tuple, str] = {}
+    for key, (det, d) in dets.items():
+        rows = _bank_rows(det, d, n_split.get(det.fit_split, 0))
+        if not rows:
+            continue
+        cols = sum(widths.get(x, 0) for x in extras if set(EXTRAS[x].provides) & set(det.fit_columns))
+        if hasattr(det, "bank_sample"):
+            driver += 2 * rows * D * 4
+            notes.append(f"{key} bank {rows:,.0f} rows drawn in the workers ({rows * D * 4 / GiB:.2f} GiB)")
+        else:
+            split = (det.fit_split, det.fit_columns, d.fit_fraction)
+            # a sampled split arrives in the object store and is copied once; a whole one is read (Arrow) and converted
+            loaded[split], last[split] = (1 if d.fit_fraction < 1 else 2) * rows * 4 * (D + 1 + cols), key
+            notes.append(f"{key} loads {rows:,.0f} {det.fit_split} rows ({loaded[split] / GiB:.2f} GiB)")
+        if "second" in det.fit_needs or det.name in ("pnml", "vim", "residual"):
+            driver += 8.0 * D * D
+        if det.name == "gmm":
+            driver += 8.0 * C * D * D
+            notes.append(f"{key}: {C} covariances of {D}² float64 ({8.0 * C * D * D / GiB:.1f} GiB)")
+    split_of = {k: (det.fit_split, det.fit_columns, d.fit_fraction) for k, (det, d) in dets.items()
+                if not hasattr(det, "bank_sample") and _bank_rows(det, d, n_split.get(det.fit_split, 0))}
+    # the splits alive at once, plus a detector's working copy of the largest one (ViM centres it …)
+    driver += _live_peak(list(split_of), split_of, loaded, last) + max(loaded.values(), default=0.0)
+    fit_read = id_rows * 4 * (D + 2) + n_train * 30
+    # the driver's own work: a D×D decomposition per detector with a covariance, a pass over its loaded rows
+    dense = sum("second" in det.fit_needs or det.name in ("vim", "residual", "pnml", "multi_mahalanobis") for det, _ in dets.values())
+    on_rows = sum(_bank_rows(det, d, n_split.get(det.fit_split, 0)) for det, d in dets.values() if not hasattr(det, "bank_sample"))
+    stages.append(StageCost(
+        "fit", n_train, f"reads {fit_read / GiB:.2f} GiB in {files} tasks", driver=driver,
+        worker=ACTOR_BASE + 3 * fit_read / files, notes=notes,
+        seconds=FIXED["fit"] + fit_read / READ_BPS / cal.cpus + n_train * (D * D if "second" in needs else D) * 2 / cal.flops / cal.cpus
+        + (30.0 * dense * D**3 + 2.0 * on_rows * D * D) / cal.flops))
+
+    # SCORE: actors (one per CPU) with the fitted detectors, a shard each at a time
+    state = sum(_bank_rows(det, d, n_split.get(det.fit_split, 0)) * D * 4 for det, d in dets.values() if hasattr(det, "bank_sample"))
+    state += sum(4.0 * C * D for _ in dets) + (8.0 * D * D * sum("second" in det.fit_needs for det, _ in dets.values()))
+    flops_row = sum(_score_flops(det, d, n_train, D, C) for det, d in dets.values())
+    stages.append(StageCost(
+        "score", n, f"{len(dets)} detectors", written=n * (4 * len(dets) + META_ROW_B), driver=state,
+        worker=ACTOR_BASE + state + 3 * n / files * row_b,
+        seconds=FIXED["score"] + n * row_b / READ_BPS / cal.cpus + n * flops_row / cal.flops / cal.cpus))
+    scores_b = n * (4 * len(dets) + META_ROW_B) * 2
+    stages.append(StageCost("evaluate", counts_of(counts, cfg, scored=True), "metrics, plots", driver=scores_b,
+                            seconds=FIXED["evaluate"] + FIXED["plot"] * len(dets) + n * 1e-6))
+    if cfg.errors.enabled:
+        rows = errors_rows(cfg).expected(counts)
+        vec = widths.get("conductance", 0) + widths.get("lcr", 0)
+        stages.append(StageCost("errors", rows, "conductance + LCR detectors", driver=3 * rows * 4 * (vec + C)))
+    if cfg.graph.enabled:
+        rows = graph_rows(cfg).expected(counts)
+        stages.append(StageCost("graph", rows, "kNN graph + GCN", driver=3 * rows * 4 * 2 * D))
+    if getattr(cfg, "verdicts", None) is not None and cfg.verdicts.enabled:
+        stages.append(StageCost("verdicts", n, "thresholds, verdicts", driver=2 * scores_b))
+    persistent = DRIVER_BASE + cal.model_bytes + n * (MANIFEST_ROW_B + cal.image_bytes)
+    return Plan(cfg.experiment, counts, source, cal, stages, persistent, cfg.runtime.max_driver_memory_gb, actors, e.batch_size)
+
+
+def _score_flops(det, d, n_train: int, D: int, C: int) -> float:
+    """Rough multiply-adds per scored row: a bank search, a quadratic form, a head product, or ~none."""
+    if "features" not in det.requires:
+        return 10.0 * C  # the logits or an EMBED column
+    if hasattr(det, "bank_sample"):
+        return 2.0 * _bank_rows(det, d, n_train) * D
+    if "second" in det.fit_needs or det.name in ("vim", "residual", "pnml"):
+        return 2.0 * (D * D + C * D)
+    return 2.0 * C * D
+
+
+def _live_peak(order: list[str], split_of: dict[str, tuple], size: dict[tuple, float], last: dict[tuple, str]) -> float:
+    """The most bytes of loaded splits held at once when the detectors fit in ``order`` (FIT drops a
+    split after the last detector fitted on it)."""
+    live, peak = set(), 0.0
+    for key in order:
+        split = split_of[key]
+        if split in size:
+            live.add(split)
+            peak = max(peak, sum(size[s] for s in live))
+            if last[split] == key:
+                live.discard(split)
+    return peak
+
+
+def counts_of(counts: dict, cfg: JobConfig, scored: bool = False) -> float:
+    """Expected rows SCORE's columns are evaluated on (``scored``), else every row of the job."""
+    return (scored_rows(cfg) if scored else every_row(cfg)).expected(counts)
+
+
+def _b(x: float) -> str:
+    return f"{x / GiB:.2f} GiB" if x >= 0.1 * GiB else f"{x / 2**20:.0f} MiB"
+
+
+def _gpu(seconds: float) -> str:
+    return f"{seconds / 3600:.3g} GPU-h" if seconds >= 360 else f"{seconds:.3g} GPU-s"
+
+
+def _t(s: float) -> str:
+    return f"{s / 3600:.2f} h" if s >= 3600 else f"{s / 60:.1f} min" if s >= 120 else f"{s:.1f} s"
+
+
+def format_plan(plan: Plan, short: bool = False) -> str:
+    """The plan as text: a table (or, ``short``, a few lines for the start of a run)."""
+    cal, (peak, where) = plan.calibration, plan.driver_peak
+    limit = f" (limit {plan.limit:g} GiB)" if plan.limit else ""
+    head = (f"plan: {plan.experiment}, {sum(plan.counts.values()):,} rows ({plan.source}); {cal.describe()}")
+    total = (f"total: {_gpu(plan.gpu_hours * 3600)} (EMBED actor-time on {cal.device}; {plan.actors} actors), "
+             f"about {_t(plan.seconds)} wall; "
+             f"driver peak ≈ {_b(peak)} in {where}{limit}")
+    if short:
+        embed = plan.stages[0]
+        extras = ", ".join(f"{p.name} {p.rows:,.0f} rows" for p in embed.parts)
+        return "\n".join([head, f"  embed {_t(embed.seconds)} ({_gpu(embed.device_seconds)}), writes {_b(embed.written)}"
+                          + (f"; extras: {extras}" if extras else ""), "  " + total])
+    lines = [head, f"{'stage':<14}{'rows':>13}  {'work per row':<28}{'writes':>11}{'driver':>11}{'per worker':>12}{'time':>10}"]
+    for s in plan.stages:
+        lines.append(f"{s.name:<14}{s.rows:>13,.0f}  {s.work:<28}{_b(s.written):>11}{_b(s.driver):>11}{_b(s.worker):>12}{_t(s.seconds):>10}")
+        if s.device:
+            lines.append(f"  · per actor on {cal.device}: {_b(s.device)} (the model and a batch of {plan.batch_size} rows' activations)")
+        for p in s.parts:
+            lines.append(f"  {p.name:<12}{p.rows:>13,.0f}  {p.work:<28}{_b(p.written):>11}{'':>11}{'':>12}{_gpu(p.device_seconds):>14}")
+        lines += [f"  · {note}" for note in s.notes]
+    lines.append(f"driver base {_b(plan.persistent)} for the whole run (process, model, manifest rows)")
+    lines.append(total)
+    return "\n".join(lines)
+
+
+def check_memory(plan: Plan) -> None:
+    """Raise :class:`PlanRefused` when the driver peak exceeds ``runtime.max_driver_memory_gb``."""
+    peak, where = plan.driver_peak
+    if plan.limit is not None and peak > plan.limit * GiB:
+        raise PlanRefused(f"runtime.max_driver_memory_gb: the plan estimates {peak / GiB:.2f} GiB of driver memory "
+                          f"(in {where}) over the limit of {plan.limit:g} GiB — lower fit_fraction / alpha of the bank "
+                          "detectors, or raise the limit (`oodlib plan` shows the stages)")
+
+
+def make_plan(cfg: JobConfig, model, manifest: str | Path | None = None, quick: bool = False) -> Plan | None:
+    """The plan of ``cfg`` (None when the row counts are unknown); ``quick``: calibrate the forward only."""
+    counts, source = row_counts(cfg, manifest)
+    if counts is None:
+        print(f"plan: row counts unknown — {source}", flush=True)
+        return None
+    return estimate(cfg, counts, calibrate(cfg, model, quick=quick), source)
+
+
+def planning_model(cfg: JobConfig):
+    """The configured model for calibration: with its weights when they are here, else the
+    architecture with untrained weights (the timing is the same)."""
+    from oodlib.models import build_model, load_model
+
+    weights = cfg.model.weights
+    if weights is not None and ("/" in weights or Path(weights).suffix) and not Path(weights).exists():
+        print(f"plan: model.weights {weights} is not here; calibrating the architecture with untrained weights", flush=True)
+        model = build_model(cfg.model.name, cfg.model.num_classes or 1000)
+    else:
+        model = load_model(cfg.model.name, weights, cfg.model.num_classes)
+    model.preprocess = cfg.model.preprocess(model.preprocess)
+    return model
+
+
+def print_run_plan(cfg: JobConfig, model) -> None:
+    """The start of a run: the plan in a few lines (quick calibration). Refuses an over-limit plan
+    (:class:`PlanRefused`); any other failure to plan is reported and the run goes on."""
+    try:
+        plan = make_plan(cfg, model, quick=True)
+    except Exception as exc:  # the plan is advice: it never stops a run, except by the memory limit
+        print(f"plan: not estimated ({type(exc).__name__}: {exc})", flush=True)
+        return
+    if plan is not None:
+        print(format_plan(plan, short=True), flush=True)
+        check_memory(plan)
+
+
+def cli_plan(config: str, overrides: dict, manifest: str | None = None) -> None:
+    """``oodlib plan``: print the plan of a config whose data and weights may be elsewhere; raises
+    :class:`PlanRefused` over the memory limit, :class:`ConfigError` without row counts."""
+    from jobs.config import load_config
+    from jobs.config.base import without_path_checks
+
+    with without_path_checks():
+        cfg = load_config(config, overrides)
+    if manifest is not None and not Path(manifest).is_file():
+        raise ConfigError(f"--manifest {manifest} does not exist")
+    plan = make_plan(cfg, planning_model(cfg), manifest)
+    if plan is None:
+        raise ConfigError("no row counts to plan with: give `rows:` for every image set in data.sets, or --manifest")
+    print(format_plan(plan), flush=True)
+    check_memory(plan)

@@ -1,0 +1,92 @@
+"""Multi-GPU readiness: on a cluster of 2 nodes × 2 (declared) GPUs, EMBED runs one actor per GPU —
+each actor given exactly one GPU, never more actors than GPUs — and the shards' rows are embedded on
+both nodes; and the CUDA code path (actors on a real GPU) where CUDA exists."""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from jobs import storage
+from jobs.embed_pass import run_embed
+from jobs.extras import ExtraSpec
+from jobs.shards import shard_of
+from jobs.storage import StageDir
+from jobs.workers import ModelSpec, gpus_per_actor, model_state_arrays
+from oodlib.data.manifest import manifest_from_image_sets
+
+pytestmark = pytest.mark.slow
+
+
+def digits_rows(digits_sets, n: int, shards: int) -> pa.Table:
+    s = digits_sets[("digits", "test")]
+    table = manifest_from_image_sets([s]).slice(0, n)
+    return table.append_column("shard", pa.array(shard_of(table.column("image_id").to_pylist(), shards)))
+
+
+def test_one_actor_per_gpu_and_shards_on_both_nodes(tmp_path, digits_model, digits_sets):
+    import ray
+    from ray.cluster_utils import Cluster
+    from ray.util.state import list_actors
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    nodes = [cluster.add_node(num_cpus=2, num_gpus=2) for _ in range(2)]  # fake GPUs: Ray only counts them
+    ray.init(address=cluster.address, runtime_env={"worker_process_setup_hook": "tests.jobs.fake_gpu_extra.register"})
+    try:
+        assert ray.cluster_resources()["GPU"] == 4
+        num_gpus = gpus_per_actor("auto")
+        assert num_gpus == 1.0  # "auto": one GPU per actor on a cluster with GPUs
+        rows = digits_rows(digits_sets, 240, 6)
+        spec = ModelSpec("digits-cnn", digits_model.num_classes, ray.put(model_state_arrays(digits_model)), "cpu",
+                         (ExtraSpec("where_embedded"),), preprocess=digits_model.preprocess)
+        targets = {s: StageDir(tmp_path / "shards", f"s{s}", "shard-") for s in range(6)}
+        counts = run_embed(rows, targets, spec, batch_size=4, num_actors=4, num_gpus=num_gpus, num_cpus=1, scratch=tmp_path / "scratch")
+        assert sum(c["features"] for c in counts.values()) == 240
+        actors = [a for a in list_actors(filters=[("class_name", "=", "MapWorker(MapBatches(EmbedActor))")], detail=True)]
+        table = storage.read_table([t.path / "features" for t in targets.values()], ["shard", "node_tag", "gpu_tag"])
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    # one actor per GPU: never more actors than GPUs, each with exactly one GPU of its own
+    assert 1 <= len(actors) <= 4
+    assert all(a.required_resources.get("GPU") == 1.0 for a in actors)
+    assert {a.node_id for a in actors} <= {n.node_id for n in nodes}  # GPU actors only on the GPU nodes
+    tags = {n.node_id: int(n.node_id[:6], 16) for n in nodes}
+    where = table.to_pandas()
+    used = set(zip(where.node_tag.astype(int), where.gpu_tag.astype(int)))
+    assert all(bin(g - 1).count("1") == 1 for _, g in used)  # every row embedded by an actor holding one GPU
+    assert len(used) == len(actors)  # each actor its own (node, GPU)
+    # the shards spread over both nodes
+    assert set(where.node_tag.astype(int)) == set(tags.values()), f"rows embedded on {set(where.node_tag)}; nodes {tags}"
+    assert where.groupby("shard").node_tag.nunique().max() >= 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here: the CUDA path of EMBED is not exercised")
+def test_embed_on_cuda_equals_cpu(tmp_path, digits_model, digits_sets):
+    import ray
+
+    from jobs.embed_pass import embed_batch
+    from jobs.extras import build_extras
+
+    rows = digits_rows(digits_sets, 64, 2)
+    specs = (ExtraSpec("odin", {"temperature": 1000.0, "epsilon": 0.0014}),)
+    cpu = embed_batch(digits_model, rows, torch.device("cpu"), build_extras(specs, digits_model, torch.device("cpu")))
+    gpu_model = digits_model.to("cuda")
+    try:
+        gpu = embed_batch(gpu_model, rows, torch.device("cuda"), build_extras(specs, gpu_model, torch.device("cuda")))
+    finally:
+        digits_model.to("cpu")
+    for c in ("features", "logits", "odin"):
+        np.testing.assert_allclose(storage.column_numpy(gpu.column(c)), storage.column_numpy(cpu.column(c)), rtol=1e-3, atol=1e-3)
+    # and through Ray: an actor per GPU on the real device
+    ray.init(address="local", num_cpus=2, num_gpus=torch.cuda.device_count(), include_dashboard=False)
+    try:
+        spec = ModelSpec("digits-cnn", digits_model.num_classes, ray.put(model_state_arrays(digits_model)), "cuda",
+                         specs, preprocess=digits_model.preprocess)
+        targets = {s: StageDir(tmp_path / "shards", f"s{s}", "shard-") for s in range(2)}
+        counts = run_embed(rows, targets, spec, batch_size=16, num_actors=torch.cuda.device_count(), num_gpus=1.0,
+                           num_cpus=1, scratch=tmp_path / "scratch")
+    finally:
+        ray.shutdown()
+    assert sum(c["features"] for c in counts.values()) == 64
