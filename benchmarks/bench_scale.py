@@ -16,8 +16,8 @@ stage; a table (``bench_scale.md``), ``bench_scale.json`` and a plot (``bench_sc
 ``--out``. Targets (PASS/FAIL): driver peak RSS ≤ 4 GiB, every worker ≤ 6 GiB, cost ~linear (the
 per-row cost of the largest step at most 1.5× that of the step below; needs three scales).
 
-Run: ``.venv/bin/python benchmarks/bench_scale.py [--scales 0.01,0.1,1] [--quick] [--actors 2]``
-(``--quick``: 1/100 only). The full size writes ~25 GB and takes a while on a few cores.
+Run: ``.venv/bin/python benchmarks/bench_scale.py [--scales 0.01,0.1,1] [--quick] [--actors 2] [--resume]``
+(``--quick``: 1/100 only; ``--resume``: keep the scales already measured in ``--out``). The full size writes ~25 GB and takes a while on a few cores.
 """
 from __future__ import annotations
 
@@ -282,11 +282,16 @@ def main() -> None:
     parser.add_argument("--actors", type=int, default=max(1, min(4, (os.cpu_count() or 2))), help="EMBED actors")
     parser.add_argument("--shards", type=int, default=64, help="embed.num_shards (the same at every scale)")
     parser.add_argument("--out", type=Path, default=Path("outputs/bench_scale"))
+    parser.add_argument("--resume", action="store_true", help="keep the scales already in --out/bench_scale.json, run the rest")
     args = parser.parse_args()
     scales = [0.01] if args.quick else sorted(float(s) for s in args.scales.split(","))
     args.out.mkdir(parents=True, exist_ok=True)
+    done = {r["scale"]: r for r in json.loads((args.out / "bench_scale.json").read_text())} if args.resume and (args.out / "bench_scale.json").is_file() else {}
     results = []
     for scale in scales:
+        if scale in done:
+            results.append(done[scale])
+            continue
         results.append(run_scale(scale, args.out, args.actors, args.shards))
         print("\n" + report(results, args.out), flush=True)
     print(f"\nwrote {args.out / 'bench_scale.md'}, bench_scale.json, bench_scale.png")

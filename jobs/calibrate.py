@@ -43,9 +43,18 @@ class Calibration:
                 + (f"; extras {measured} ms/row" if measured else ""))
 
 
+#: a warm-up call slower than this (seconds: a big model on a CPU) is timed once more only, and the
+#: extras on :data:`HEAVY_ROWS` rows — the calibration stays seconds, not minutes
+HEAVY_S, HEAVY_ROWS = 1.0, 4
+
+
 def _timed(fn, reps: int) -> float:
-    """The best of ``reps`` timed calls of ``fn`` after one warm-up call (lazy init, cudnn autotune)."""
+    """The best of ``reps`` timed calls of ``fn`` after one warm-up call (lazy init, cudnn autotune);
+    one timed call when the warm-up took over :data:`HEAVY_S`."""
+    t0 = time.perf_counter()
     fn()
+    if time.perf_counter() - t0 > HEAVY_S:
+        reps = 1
     best = float("inf")
     for _ in range(max(1, reps)):
         t0 = time.perf_counter()
@@ -123,6 +132,8 @@ def calibrate(cfg: JobConfig, model, quick: bool = False) -> Calibration:
                 model.head(model.features(x))
 
         fwd = _timed(forward, reps) / b
+        if fwd * b > HEAVY_S:  # the extras (a backward each …) on a few rows, once
+            x, reps = x[:HEAVY_ROWS], 1
         with torch.inference_mode():
             h = model.features(x)
             f = model.head(h)
@@ -142,7 +153,7 @@ def calibrate(cfg: JobConfig, model, quick: bool = False) -> Calibration:
             if not quick:
                 # a fresh tensor per call: a shared pass caches its result by the batch tensor
                 call = (lambda e=extra: e.forward(model, x.clone())) if hasattr(extra, "forward") else (lambda e=extra: e(model, x.clone(), h, f))
-                t = _timed(call, reps) / b
+                t = _timed(call, reps) / len(x)
                 cal.extras[name] = max(0.0, t - fwd) if hasattr(extra, "forward") else t
         every, largest = _activation_bytes(model, x)
         cal.activation_bytes = every if backward else 3 * largest

@@ -213,12 +213,15 @@ def embed_rows(rows: pa.Table, spec: ModelSpec, batch_size: int, num_actors: int
     from ray.data import ActorPoolStrategy
     from ray.data.expressions import col
 
+    # GPU actors: a fixed pool, one actor per GPU the cluster has (up to num_actors) from the start —
+    # an autoscaling pool would leave GPUs idle while a small wave runs on one; CPU actors autoscale
+    min_actors = max(1, min(num_actors, int(ray.cluster_resources().get("GPU", 0) // num_gpus))) if num_gpus > 0 else 1
     out = ray.data.from_arrow(_blocks(rows, batch_size)).map_batches(
         EmbedActor,
         fn_constructor_kwargs={"spec": spec, "num_threads": int(num_cpus)},
         batch_size=batch_size,
         batch_format="pyarrow",
-        compute=ActorPoolStrategy(min_size=1, max_size=num_actors),
+        compute=ActorPoolStrategy(min_size=min_actors, max_size=num_actors),
         num_gpus=num_gpus,
         num_cpus=num_cpus,
     ).materialize()

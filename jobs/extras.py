@@ -245,8 +245,19 @@ class LayerStatistic(DetectorInput):
         self.request = self.make_request(model, params)
         self.shared = SharedLayerPass([self])  # build_extras groups the extras built together
 
+    #: the :mod:`oodlib.layers` request class of a statistic of pooled layer maps (its column = ``statistic``)
+    request_type: ClassVar[str | None] = None
+
+    def request_args(self, params: dict) -> tuple:
+        """Arguments of ``request_type`` after the layers."""
+        return ()
+
     def make_request(self, model: ModelAdapter, params: dict):
-        raise NotImplementedError
+        import oodlib.layers
+
+        request = getattr(oodlib.layers, self.request_type)(tuple(params["layers"]), *self.request_args(params))
+        self._layered(model, request, self.statistic)
+        return request
 
     def _layered(self, model: ModelAdapter, request, column: str) -> None:
         from oodlib.layers import check_layers, layer_widths
@@ -271,13 +282,10 @@ class GramStatistics(LayerStatistic):
     name = detector = statistic = "gram"
     provides = ("gram", "gram_sizes")
     extra_params = ("layers", "powers")
+    request_type = "Gram"
 
-    def make_request(self, model, params):
-        from oodlib.layers import Gram
-
-        request = Gram(tuple(params["layers"]), tuple(int(p) for p in params["powers"]))
-        self._layered(model, request, "gram")
-        return request
+    def request_args(self, params):
+        return (tuple(int(p) for p in params["powers"]),)
 
 
 class LayerMeanStatistics(LayerStatistic):
@@ -286,13 +294,7 @@ class LayerMeanStatistics(LayerStatistic):
     name = statistic = "layer_means"
     detector = "multi_mahalanobis"
     provides = ("layer_means", "layer_means_sizes")
-
-    def make_request(self, model, params):
-        from oodlib.layers import LayerMeans
-
-        request = LayerMeans(tuple(params["layers"]))
-        self._layered(model, request, "layer_means")
-        return request
+    request_type = "LayerMeans"
 
 
 class NacStatistics(LayerStatistic):
@@ -301,13 +303,7 @@ class NacStatistics(LayerStatistic):
     name = detector = statistic = "nac"
     cost = (1.0, 1.0)
     provides = ("nac", "nac_sizes")
-
-    def make_request(self, model, params):
-        from oodlib.layers import NacStates
-
-        request = NacStates(tuple(params["layers"]))
-        self._layered(model, request, "nac")
-        return request
+    request_type = "NacStates"
 
 
 class RankFeatStatistic(LayerStatistic):

@@ -22,6 +22,11 @@ HARMLESS = (
     # actor pools start several workers at once on a small machine
     b"PYTHON worker processes have been started on node",
     b"Ray deduplicates logs by default",
+    # the object store's usage dump when a worker's put waits for spilling (a small /dev/shm):
+    # spilling then proceeds on its own; the dump is for debugging Ray, one line per counter
+    b"Plasma Store Usage:",
+    *(f"- {unit} {what}: ".encode() for what in ("spillable", "unsealed", "in use", "evictable", "created by worker",
+                                                 "restored", "received", "errored") for unit in ("objects", "bytes")),
     b"Progress bars disabled. To enable, set",
 )
 

@@ -92,7 +92,7 @@ def heatmap_png(relevance, image=None, size_in: tuple[float, float] = (1.75, 1.3
     bar.ax.set_yticklabels([f"{-lim:.2g}", "0", f"{lim:.2g}"])
     bar.ax.tick_params(labelsize=6.5, length=2, pad=1)
     bar.outline.set_linewidth(0.4)
-    fig.subplots_adjust(left=0.02, right=0.84, top=0.97, bottom=0.03)
+    fig.subplots_adjust(left=0.02, right=0.76, top=0.97, bottom=0.03)  # room for "-0.0079"
     return _figure_png(fig, dpi)
 
 

@@ -105,8 +105,9 @@ def _decide(row: pd.Series, batch: str, expected_rate: float, expected_hi: float
         reasons.append(f"flag rate {_pct(rate)} {band}: its lower bound is {100 * excess:.1f} points above the expected "
                        f"ID rate's upper bound {_pct(expected_hi)} (more than the {100 * margin:.1f}-point margin)")
     else:
-        reasons.append(f"flag rate {_pct(rate)} {band} is within {100 * margin:.1f} points of the expected ID rate "
-                       f"{_pct(expected_rate)} (upper bound {_pct(expected_hi)})")
+        reasons.append(f"flag rate {_pct(rate)} {band} is consistent with the expected ID rate {_pct(expected_rate)}: "
+                       f"its lower bound is not more than {100 * margin:.1f} points above that rate's upper bound "
+                       f"{_pct(expected_hi)}")
     for c, p in drift.items():
         if not np.isfinite(p):
             continue

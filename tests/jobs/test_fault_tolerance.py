@@ -76,25 +76,29 @@ def test_worker_node_killed_during_embed(tmp_path):
         cluster.shutdown()
 
 
-def run_job_process(config_path: Path) -> subprocess.Popen:
+def run_job_process(config_path: Path, log: Path) -> subprocess.Popen:
+    """The job as its own process group; its output goes to ``log`` (read when it ends early)."""
     env = {**os.environ, "RAY_AUTH_MODE": "token"}
-    return subprocess.Popen(
-        [sys.executable, "-m", "jobs.nightly", "--config", str(config_path)], cwd=REPO, env=env,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )
+    with log.open("w") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "jobs.nightly", "--config", str(config_path)], cwd=REPO, env=env,
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )
 
 
 def test_driver_killed_mid_job_resumes_with_equal_tables(tmp_path):
     raw = job_config(tmp_path, shards_per_wave=1, num_actors=1)
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(raw))
-    proc = run_job_process(tmp_path / "job.yaml")
-    shard_root = tmp_path / "out" / "ft" / "embed" / "shards"
+    log = tmp_path / "job.log"
+    proc = run_job_process(tmp_path / "job.yaml", log)
+    shard_root = tmp_path / "out" / "ft" / "tables" / "features"  # EMBED commits its shards into the table
     deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None and len(list(shard_root.glob("key=*/_SUCCESS"))) < 2:
+    while time.time() < deadline and proc.poll() is None and len(list(shard_root.glob("shard-*/_SUCCESS"))) < 2:
         time.sleep(0.2)
+    assert proc.poll() is None, f"the job ended (rc {proc.returncode}) before the kill:\n{log.read_text()[-4000:]}"
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
     proc.wait(timeout=30)
-    committed = len(list(shard_root.glob("key=*/_SUCCESS")))
+    committed = len(list(shard_root.glob("shard-*/_SUCCESS")))
     assert 2 <= committed < 6, f"kill did not land mid-EMBED ({committed} shards committed)"
     assert not (tmp_path / "out" / "ft" / "last_run.json").exists()
 

