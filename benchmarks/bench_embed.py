@@ -25,7 +25,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 from jobs import embed_pass as embed, storage  # noqa: E402
 from jobs.workers import ModelSpec, model_state_arrays  # noqa: E402
-from oodlib.data.manifest import MANIFEST_SCHEMA  # noqa: E402
+from oodlib.data.manifest import conform  # noqa: E402
 from oodlib.models import load_model  # noqa: E402
 
 
@@ -39,13 +39,8 @@ def synthetic_manifest(n: int, seed: int = 0) -> pa.Table:
         buf = io.BytesIO()
         img.save(buf, format="JPEG", quality=90)
         images.append(buf.getvalue())
-    table = pa.Table.from_pydict(
-        {
-            "image_id": [f"bench/{i:06d}" for i in range(n)], "dataset": ["bench"] * n, "split": ["test"] * n,
-            "label": [0] * n, "subset": [""] * n, "path": [None] * n, "image": images,
-        },
-        schema=MANIFEST_SCHEMA,
-    )
+    table = conform(pa.table({"image_id": [f"bench/{i:06d}" for i in range(n)], "dataset": ["bench"] * n,
+                              "split": ["test"] * n, "label": [0] * n, "image": pa.array(images, pa.binary())}))
     return table.append_column("shard", pa.array(np.zeros(n, np.int32)))  # one shard
 
 

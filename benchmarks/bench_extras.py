@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from jobs.embed_pass import embed_batch  # noqa: E402
 from jobs.extras import ExtraSpec, build_extras  # noqa: E402
 from oodlib.data.decode import decode_batch  # noqa: E402
+from oodlib.data.manifest import conform  # noqa: E402
 from oodlib.layers import DEFAULT_LAYERS  # noqa: E402
 from oodlib.models import build_model  # noqa: E402
 
@@ -54,9 +55,9 @@ def manifest(n: int, seed: int = 0) -> pa.Table:
         buf = io.BytesIO()
         img.save(buf, format="JPEG", quality=90)
         images.append(buf.getvalue())
-    return pa.table({"image_id": [f"b{i}" for i in range(n)], "dataset": ["bench"] * n, "split": ["test"] * n,
-                     "label": pa.array([0] * n, pa.int64()), "subset": [None] * n, "shard": [0] * n,
-                     "image": pa.array(images, pa.binary()), "path": [None] * n})
+    table = conform(pa.table({"image_id": [f"b{i}" for i in range(n)], "dataset": ["bench"] * n, "split": ["test"] * n,
+                              "label": [0] * n, "image": pa.array(images, pa.binary())}))
+    return table.append_column("shard", pa.array(np.zeros(n, np.int32)))  # one shard
 
 
 def best_times(fns: dict, rounds: int) -> dict[str, float]:

@@ -266,8 +266,11 @@ def plot(results: list[dict], path: Path) -> None:
     ax_m.axhline(TARGETS["driver_gib"], color="C0", ls=":", label="driver target")
     ax_m.axhline(TARGETS["worker_gib"], color="C1", ls=":", label="worker target")
     ax_m.set(xscale="log", xlabel="rows", ylabel="GiB", title="memory and output")
+    ax_t.set_ylim(top=ax_t.get_ylim()[1] * 30)  # room for the legend above the lines
+    ax_t.legend(fontsize=8, ncol=3, loc="upper left")
+    ax_m.set_ylim(0, max(TARGETS["worker_gib"], *(r["driver_peak_gib"] for r in results)) * 1.35)
+    ax_m.legend(fontsize=8, ncol=2, loc="upper left")
     for ax in (ax_t, ax_m):
-        ax.legend(fontsize=8)
         ax.grid(alpha=0.3, which="both")
     fig.suptitle("bench_scale: ImageNet-shaped run, standin-imagenet (D 2048, C 1000), local Ray")
     fig.tight_layout()

@@ -185,8 +185,8 @@ def estimate(cfg: JobConfig, counts: dict[tuple[str, str], int], cal: Calibratio
             notes.append(f"{key} bank {rows:,.0f} rows drawn in the workers ({rows * D * 4 / GiB:.2f} GiB)")
         else:
             split = (det.fit_split, det.fit_columns, d.fit_fraction)
-            # a sampled split arrives in the object store and is copied once; a whole one is read (Arrow) and converted
-            loaded[split], last[split] = (1 if d.fit_fraction < 1 else 2) * rows * 4 * (D + 1 + cols), key
+            # a split (or its fraction) arrives from per-shard tasks in the object store and is copied once
+            loaded[split], last[split] = rows * 4 * (D + 1 + cols), key
             notes.append(f"{key} loads {rows:,.0f} {det.fit_split} rows ({loaded[split] / GiB:.2f} GiB)")
         if "second" in det.fit_needs or det.name in ("pnml", "vim", "residual"):
             driver += 8.0 * D * D

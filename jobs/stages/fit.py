@@ -44,7 +44,7 @@ class FitResult(StageResult):
 
 class FitStage(Stage):
     name = "fit"
-    version = 5  # 5: banks sampled by image id in the workers; fit_fraction
+    version = 6  # 5: banks sampled by image id in the workers; fit_fraction; 6: fit splits read in the workers
 
     def needs(self, cfg: JobConfig) -> tuple[str, ...]:
         return ("manifest", "embed")
@@ -58,7 +58,6 @@ class FitStage(Stage):
     def run(self, ctx: Context, up: dict, tmp: Path) -> None:
         init_ray()
         detectors, dirs = ctx.build_detectors(), up["embed"].feature_dirs
-        id_dataset = ctx.cfg.data.id_dataset
         samples = tuple(dict.fromkeys(d.bank_sample() for d in detectors.values() if isinstance(d, SampledBank)))
         stats, banks = train_stats(ctx, dirs, needs(detectors), samples)
         expected = id_train_rows(ctx, up)
@@ -67,12 +66,7 @@ class FitStage(Stage):
                                        f"{expected} usable ones that EMBED did not quarantine")
 
         def load_split(split: str, columns: tuple[str, ...], fraction: float = 1.0) -> tuple[np.ndarray, np.ndarray, dict]:
-            if fraction < 1:
-                return sampled_split(ctx, dirs, split, columns, fraction)
-            rows = (pc.field("dataset") == id_dataset) & (pc.field("split") == split)
-            table = storage.read_table(dirs, ["features", "label", *columns], filter=rows)
-            extras = {c: column_numpy(table.column(c)) for c in columns}
-            return storage.vector_to_numpy(table.column("features")), table.column("label").to_numpy(), extras
+            return sampled_split(ctx, dirs, split, columns, fraction)
 
         fit_detectors(detectors, stats, ctx.head, load_split, banks, {d.key: d.fit_fraction for d in ctx.detectors})
         save_fitted(tmp, ctx.head, stats, detectors)
@@ -171,13 +165,16 @@ def file_rows(paths: list[str], split: str, columns: tuple[str, ...], fraction: 
     whose ``u(image_id, seed) < fraction`` (:mod:`jobs.rows`: the rows EMBED computed their columns on)."""
     table = read_files(paths, ["image_id", "features", "label", "split", *columns])
     table = table.filter(pc.equal(table.column("split"), split))
-    table = table.filter(pa.array(unit_hash(table.column("image_id").to_pylist(), seed) < fraction))
+    if fraction < 1:
+        table = table.filter(pa.array(unit_hash(table.column("image_id").to_pylist(), seed) < fraction))
     return vector_to_numpy(table.column("features")), table.column("label").to_numpy(), {c: column_numpy(table.column(c)) for c in columns}
 
 
 def sampled_split(ctx: Context, feature_dirs: list[Path], split: str, columns: tuple[str, ...], fraction: float):
-    """The seeded ``fraction`` of the ID ``split`` (features, labels, columns), drawn in one Ray task
-    per shard and concatenated in file order: the driver holds only the fraction."""
+    """The seeded ``fraction`` (1 = all) of the ID ``split`` (features, labels, columns), drawn in one
+    Ray task per shard and concatenated in file order. The tasks' arrays reach the driver as views
+    of the object store (shared memory), so the driver's own memory holds one copy of the rows —
+    not an Arrow table and its NumPy conversion besides."""
     import ray
 
     task = ray.remote(num_cpus=1)(file_rows)
