@@ -9,7 +9,6 @@ from pathlib import Path
 from jobs.config import JobConfig
 from jobs.stages.base import Context, Stage, StageResult, labels_of, rows_hash, rows_of
 from oodlib.data.decode import decode_batch
-from oodlib.longtail import gaussianize, load_bn_state, save_bn_state
 from oodlib.models import ModelAdapter
 
 
@@ -41,7 +40,11 @@ class GaussianizeStage(Stage):
                                   ctx.cfg.data.max_image_bytes)
         labels = labels_of(rows)[[r is None for r in reasons]]
         data = x if g.bn_finetune_epochs == 0 else [(x, labels)]
+        from oodlib.longtail import gaussianize, save_bn_state  # torch-geometric: 1.5 s of import, only when used
+
         save_bn_state(gaussianize(ctx.model, data, epochs=g.bn_finetune_epochs, seed=g.seed, device="cpu"), tmp / "bn.safetensors")
 
     def load(self, ctx: Context, up: dict, path: Path) -> GaussianizeResult:
+        from oodlib.longtail import load_bn_state
+
         return GaussianizeResult(path, load_bn_state(ctx.model, path / "bn.safetensors").eval())

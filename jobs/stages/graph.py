@@ -19,7 +19,6 @@ import pyarrow.parquet as pq
 from jobs import storage
 from jobs.config import JobConfig
 from jobs.stages.base import Child, Context, Stage, StageResult, per_set_metrics
-from oodlib.longtail import make_ablation, neighbour_stats
 from oodlib.metrics import OOD_METRICS, head_tail_accuracy, ood_metrics
 
 COLUMNS = ["image_id", "dataset", "split", "label", "features", "gfeatures"]
@@ -88,6 +87,8 @@ def run_graph(cfg: JobConfig, feature_dirs: list[Path], num_classes: int, tmp: P
     counts = np.bincount(df.label.to_numpy()[is_train], minlength=num_classes)
     test_idx = np.flatnonzero(is_test)
     y_test = df.label.to_numpy()[test_idx]
+
+    from oodlib.longtail import make_ablation, neighbour_stats  # torch-geometric: 1.5 s of import, only when used
 
     metrics, score_parts, embeddings = [], [], []
     for name in g.ablations:

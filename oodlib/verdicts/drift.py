@@ -30,6 +30,7 @@ result is a deterministic function of the inputs and the seed.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -67,14 +68,13 @@ def classifier_drift_test(reference, incoming, max_rows: int | None = 1000, n_pe
     ``max_dims`` are first projected on the pooled rows' top ``max_dims`` principal components:
     the projection ignores which side a row is on, so the permutation test stays exact, and the
     (n_permutations + 1)·cv fits stay cheap for 2048-d ImageNet features. The classifier is
-    ``StandardScaler`` → ``LogisticRegression(C)``, scored by ROC AUC over a seeded
+    ``LogisticRegression(C)`` on features standardized over the pooled rows, scored by ROC AUC over a seeded
     ``StratifiedKFold(cv)`` (fewer folds when a side has fewer than ``cv`` rows);
     ``sklearn.model_selection.permutation_test_score`` gives the p-value. ``n_permutations`` bounds
     the smallest p-value: 1/(1 + n_permutations) — keep it well above 1/alpha.
     """
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedKFold, permutation_test_score
-    from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
     from threadpoolctl import threadpool_limits
 
@@ -96,13 +96,17 @@ def classifier_drift_test(reference, incoming, max_rows: int | None = 1000, n_pe
         from sklearn.decomposition import PCA
 
         x = PCA(n_components=min(max_dims, len(x)), random_state=seed).fit_transform(x)
+    # standardized on the pooled rows, like the projection: label-blind, so the test stays exact, and
+    # the (n_permutations + 1)·cv fits skip a pipeline's clone-and-fit overhead (~30% of their time)
+    x = StandardScaler().fit_transform(x)
     y = np.r_[np.zeros(len(ref), int), np.ones(len(inc), int)]
-    model = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=2000))
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-    # hundreds of small fits: one BLAS thread is faster and does not fight torch's OpenMP pool
+    # hundreds of small fits: one BLAS thread each, the permutations spread over the CPUs (same
+    # result for any n_jobs: each permutation's shuffle comes from the seeded generator up front)
     with threadpool_limits(1):
-        auc, _, p = permutation_test_score(model, x, y, cv=splitter, n_permutations=n_permutations,
-                                           scoring="roc_auc", random_state=seed, n_jobs=1)
+        auc, _, p = permutation_test_score(LogisticRegression(C=C, max_iter=2000), x, y, cv=splitter,
+                                           n_permutations=n_permutations, scoring="roc_auc", random_state=seed,
+                                           n_jobs=min(2, os.cpu_count() or 1))
     return DriftTest("c2st", float(auc), float(p), len(ref), len(inc))
 
 
