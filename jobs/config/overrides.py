@@ -30,6 +30,7 @@ PROFILES: dict[str, dict[str, object]] = {
         "errors.mutants.n_accepted": 8, "errors.mutants.max_tries": 400, "errors.detector_epochs": 5,
         "graph.epochs": 20, "graph.hidden": 32,
         "explain.localization_images": 24, "explain.counts": {"wrong": 2, "uncertain": 2, "risky_ood": 2, "random": 2},
+        "explain.methods": ["rap", "gradient"],  # one relevance rule and one gradient method: each adds a PNG grid
         # the C2ST's permutations are VERDICTS' whole cost (~2 s per 100 per batch); a smoke run's
         # drift level is 0.05, so 100 permutations can still resolve it
         "verdicts.alpha": 0.05, "verdicts.drift_permutations": 100,
