@@ -11,14 +11,15 @@ import numpy as np
 OOD_METRICS = ("fpr95", "fpr95_oodpos", "auroc", "aupr_in", "aupr_out")
 
 
-def _check_scores(id_scores: np.ndarray, ood_scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    s_id = np.asarray(id_scores, np.float64).ravel()
-    s_ood = np.asarray(ood_scores, np.float64).ravel()
-    if len(s_id) == 0 or len(s_ood) == 0:
-        raise ValueError(f"need ID and OOD scores, got {len(s_id)} ID and {len(s_ood)} OOD")
-    if not (np.isfinite(s_id).all() and np.isfinite(s_ood).all()):
+def check_two_samples(a, b, names: tuple[str, str] = ("ID", "OOD")) -> tuple[np.ndarray, np.ndarray]:
+    """Two non-empty, finite 1-D float64 score samples (raveled); ``names`` word the error."""
+    s_a = np.asarray(a, np.float64).ravel()
+    s_b = np.asarray(b, np.float64).ravel()
+    if len(s_a) == 0 or len(s_b) == 0:
+        raise ValueError(f"need {names[0]} and {names[1]} scores, got {len(s_a)} {names[0]} and {len(s_b)} {names[1]}")
+    if not (np.isfinite(s_a).all() and np.isfinite(s_b).all()):
         raise ValueError("scores contain NaN or Inf")
-    return s_id, s_ood
+    return s_a, s_b
 
 
 def fpr_at_95_tpr(id_scores: np.ndarray, ood_scores: np.ndarray, tpr: float = 0.95) -> float:
@@ -29,7 +30,7 @@ def fpr_at_95_tpr(id_scores: np.ndarray, ood_scores: np.ndarray, tpr: float = 0.
     than t. OOD scores equal to t therefore count as rejected (ties favour the detector only at
     the threshold value itself).
     """
-    s_id, s_ood = _check_scores(id_scores, ood_scores)
+    s_id, s_ood = check_two_samples(id_scores, ood_scores)
     # round(1 − tpr, 12): 1 − 0.95 is 0.05000000000000004 in floating point, which would turn
     # round(0.05 · 10) = 0 into 1
     idx = min(int(round(round(1.0 - tpr, 12) * len(s_id))), len(s_id) - 1)
@@ -42,7 +43,7 @@ def fpr_at_95_tpr_ood_positive(id_scores: np.ndarray, ood_scores: np.ndarray, tp
 
     OOD is the positive class with risk = −score; uses ``sklearn.metrics.roc_curve``.
     """
-    s_id, s_ood = _check_scores(id_scores, ood_scores)
+    s_id, s_ood = check_two_samples(id_scores, ood_scores)
     y = np.r_[np.zeros(len(s_id)), np.ones(len(s_ood))]
     # drop_intermediate=False: every threshold is kept, so this is exactly the first threshold
     # (in decreasing risk) whose TPR reaches the target — collinear points are not skipped.
@@ -60,7 +61,7 @@ def ood_metrics(id_scores: np.ndarray, ood_scores: np.ndarray) -> dict[str, floa
     """
     from sklearn.metrics import average_precision_score, roc_auc_score
 
-    s_id, s_ood = _check_scores(id_scores, ood_scores)
+    s_id, s_ood = check_two_samples(id_scores, ood_scores)
     y_id = np.r_[np.ones(len(s_id)), np.zeros(len(s_ood))]
     s = np.r_[s_id, s_ood]
     return {

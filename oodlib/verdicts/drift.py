@@ -114,11 +114,8 @@ def ks_drift_test(reference_scores, incoming_scores) -> DriftTest:
     """Two-sample KS test (two-sided, ``method="auto"``) of incoming vs reference scores (1-D)."""
     from scipy.stats import ks_2samp
 
-    ref = np.asarray(reference_scores, np.float64).ravel()
-    inc = np.asarray(incoming_scores, np.float64).ravel()
-    if len(ref) == 0 or len(inc) == 0:
-        raise ValueError(f"need scores on both sides, got {len(ref)} reference and {len(inc)} incoming")
-    if not (np.isfinite(ref).all() and np.isfinite(inc).all()):
-        raise ValueError("scores contain NaN or Inf")
+    from oodlib.metrics import check_two_samples
+
+    ref, inc = check_two_samples(reference_scores, incoming_scores, ("reference", "incoming"))
     res = ks_2samp(ref, inc)
     return DriftTest("ks", float(res.statistic), float(res.pvalue), len(ref), len(inc))
