@@ -35,6 +35,9 @@ class Calibration:
     cpus: int = 1  # CPUs of the Ray cluster (or this machine) for FIT/SCORE tasks
     ray_running: bool = False
     seconds: float = 0.0
+    #: the other stages' kernels (:mod:`jobs.calibrate_stages`; empty for a quick calibration), seconds
+    rates: dict[str, float] = field(default_factory=dict)
+    manifest: float = 0.0  # seconds to build the job's image sets (the embedded digits), measured by the row count
 
     def describe(self) -> str:
         measured = ", ".join(f"{k} {v * 1e3:.3g}" for k, v in self.extras.items())

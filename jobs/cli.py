@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 
 
-from jobs import compare
+from jobs import compare, store
 from jobs.config import PROFILES, ConfigError, load_config, parse_overrides, profile_sets
 
 
@@ -83,13 +83,14 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _experiment_root(args: argparse.Namespace) -> Path | None:
-    """``{output}/{experiment}`` of the command's config, or None (message printed) for a bad config."""
+    """``{output}/{experiment}`` (its local path, :mod:`jobs.store`) of the command's config, or None
+    (message printed) for a bad config."""
     try:
         cfg = load_config(args.config, parse_overrides(args.set))
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return None
-    return Path(cfg.output) / cfg.experiment
+    return store.root_path(cfg.output) / cfg.experiment
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
@@ -101,10 +102,10 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         return 2
     checked, damaged = storage.verify_tree(root, repair=args.repair)
     for d, found in damaged.items():
-        print(f"DAMAGED {d}" + (" (discarded: the next run recomputes it)" if args.repair else ""))
+        print(f"DAMAGED {store.uri(d)}" + (" (discarded: the next run recomputes it)" if args.repair else ""))
         for line in found:
             print(f"    {line}")
-    print(f"verified {checked} committed directories under {root}: {len(damaged)} damaged")
+    print(f"verified {checked} committed directories under {store.uri(root)}: {len(damaged)} damaged")
     return 1 if damaged else 0
 
 
@@ -120,8 +121,8 @@ def _cmd_gc(args: argparse.Namespace) -> int:
         return 2
     paths, freed = gc.collect(root, args.keep_runs, dry_run=args.dry_run)
     for p in paths:
-        print(("would delete " if args.dry_run else "deleted ") + str(p))
-    print(f"{'would free' if args.dry_run else 'freed'} {freed / 2**20:.1f} MiB in {len(paths)} entries under {root} "
+        print(("would delete " if args.dry_run else "deleted ") + store.uri(p))
+    print(f"{'would free' if args.dry_run else 'freed'} {freed / 2**20:.1f} MiB in {len(paths)} entries under {store.uri(root)} "
           f"(kept the outputs of the newest {args.keep_runs} run(s))")
     return 0
 
@@ -136,8 +137,16 @@ def _add_job_arguments(parser: argparse.ArgumentParser, runs: bool = False) -> N
 
 
 def _resolve_stage_path(stage: str, output: Path, experiment: str) -> Path:
-    """A stage path from last_run.json: as written (relative to the job's cwd), else relative to the
-    parent of ``--output``, else re-rooted under ``{output}/{experiment}``."""
+    """A stage path from last_run.json: an object-store URI (fetched into the mirror), else as
+    written (relative to the job's cwd), else relative to the parent of ``--output``, else re-rooted
+    under ``{output}/{experiment}``."""
+    from jobs import storage
+
+    if store.is_uri(stage):
+        try:
+            return storage.fetch(store.local_path(stage))
+        except storage.DamagedError:
+            return store.local_path(stage)
     p = Path(stage)
     candidates = [p]
     if not p.is_absolute():
@@ -173,22 +182,23 @@ def format_summary(summary: dict) -> str:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    path = args.output / args.experiment / "last_run.json"
-    if not path.exists():
-        print(f"error: no {path} (has a job with experiment {args.experiment!r} and output {args.output} run?)", file=sys.stderr)
-        return 2
+    path = store.root_path(args.output) / args.experiment / "last_run.json"
     try:
-        summary = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        print(f"error: {path}: not valid JSON ({exc})", file=sys.stderr)
+        summary = json.loads(store.read_bytes(path))
+    except FileNotFoundError:
+        print(f"error: no {store.uri(path)} (has a job with experiment {args.experiment!r} and output {args.output} run?)",
+              file=sys.stderr)
         return 2
-    print(f"# last run: {path}\n")
+    except json.JSONDecodeError as exc:
+        print(f"error: {store.uri(path)}: not valid JSON ({exc})", file=sys.stderr)
+        return 2
+    print(f"# last run: {store.uri(path)}\n")
     print(format_summary(summary))
     evaluate = summary.get("stages", {}).get("evaluate")
     if not evaluate:
         print("error: last_run.json has no stages.evaluate path", file=sys.stderr)
         return 1
-    results = _resolve_stage_path(evaluate, args.output, args.experiment) / "results.md"
+    results = _resolve_stage_path(evaluate, store.root_path(args.output), args.experiment) / "results.md"
     if not results.exists():
         print(f"error: {results} not found (evaluate stage output removed?)", file=sys.stderr)
         return 1
@@ -236,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_gc.set_defaults(func=_cmd_gc)
 
     p_report = sub.add_parser("report", help="print last_run.json and the results table of the last run")
-    p_report.add_argument("--output", type=Path, default=Path("outputs"), help="the config's output directory (default outputs)")
+    p_report.add_argument("--output", default="outputs", help="the config's output: a directory or s3:// / gs:// URI (default outputs)")
     p_report.add_argument("--experiment", required=True, help="the config's experiment")
     p_report.set_defaults(func=_cmd_report)
 
@@ -260,5 +270,12 @@ def main(argv: list[str] | None = None) -> int:
     return int(args.func(args) or 0)
 
 
+def entry(argv: list[str] | None = None) -> None:
+    """The ``oodlib`` command (and ``python -m jobs.nightly``): :func:`main`, then a prompt exit."""
+    from jobs.runtime import prompt_exit
+
+    prompt_exit(main(argv))
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -18,6 +18,7 @@ import pyarrow.compute  # noqa: F401  (pa.compute)
 
 from jobs.extras import Extra, build_extras
 from jobs.shards import commit_shard
+from jobs import storage, store
 from jobs.storage import QUARANTINE_SCHEMA, StageDir, parquet_rows, vector_column, write_table
 from jobs.workers import ModelSpec, fetch, rebuild_model
 from oodlib.data.decode import MAX_BYTES, decode_batch
@@ -226,7 +227,9 @@ def embed_rows(rows: pa.Table, spec: ModelSpec, batch_size: int, num_actors: int
         num_cpus=num_cpus,
     ).materialize()
     good = out.filter(expr=col("quarantine_reason").is_null()).drop_columns(["quarantine_reason"])
-    good.write_parquet(str(scratch / "features"), partition_cols=["shard", "dataset"])
+    fs, where = store.fs_of(scratch / "features")  # through the store: the write tasks may run on other nodes
+    good.write_parquet(where, filesystem=fs, partition_cols=["shard", "dataset"])
+    store.pull(scratch / "features")
     return pa.Table.from_pylist(
         out.filter(expr=col("quarantine_reason").is_not_null())
         .select_columns(["image_id", "dataset", "split", "shard", "quarantine_reason"]).take_all()
@@ -239,7 +242,7 @@ def copy_rows(prev: Path, ids: list[str], features_dir: Path, quarantined: list[
     import pyarrow.dataset as pads
     import pyarrow.parquet as pq
 
-    wanted = pa.array(ids, pa.string())
+    prev, wanted = storage.fetch(prev), pa.array(ids, pa.string())
     old = pads.dataset(prev / "features", format="parquet", partitioning="hive").to_table(filter=pads.field("image_id").isin(wanted))
     if old.num_rows:
         pq.write_to_dataset(old, features_dir, partition_cols=["dataset"], basename_template="reused-{i}.parquet")

@@ -10,11 +10,9 @@ is referenced, so the next run with an unchanged config still reuses everything.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
-from jobs import publish
+from jobs import publish, store
 from jobs.shards import index_shards
 from jobs.storage import SUCCESS
 
@@ -22,67 +20,75 @@ from jobs.storage import SUCCESS
 LEGACY = ("fitted", "metrics", "scores", "gaussianized", "quarantine", "embed/shards")
 
 
-def kept_runs(root: Path, keep: int) -> list[dict]:
-    """The run records of the newest ``keep`` runs."""
-    records = sorted((root / "runs").glob("*.json"), reverse=True) if (root / "runs").is_dir() else []
-    return [json.loads(p.read_text()) for p in records[:keep]]
+def kept_runs(root: Path, files: dict[str, int], keep: int) -> list[dict]:
+    """The run records of the newest ``keep`` runs (``files``: the experiment's listing)."""
+    records = sorted((rel for rel in files if rel.startswith("runs/") and rel.endswith(".json")), reverse=True)
+    return [json.loads(store.read_bytes(root / rel)) for rel in records[:keep]]
 
 
-def referenced(root: Path, runs: list[dict]) -> set[Path]:
+def referenced(root: Path, files: dict[str, int], runs: list[dict]) -> set[Path]:
     """Directories the kept runs use: their stage directories and the shards those list."""
     out: set[Path] = set()
     for run in runs:
-        for path in run.get("stages", {}).values():
-            p = Path(path)
-            p = p if p.is_absolute() else Path.cwd() / p
-            out.add(p.resolve())
-            if (p / "index.json").is_file():
+        for name in run.get("stages", {}).values():
+            p = store.local_path(name)
+            p = (p if p.is_absolute() else Path.cwd() / p).resolve()
+            out.add(p)
+            if p.is_relative_to(root) and f"{p.relative_to(root).as_posix()}/index.json" in files:
                 out |= {s.resolve() for s in index_shards(p)}
     return out
 
 
+def _under(rel: str, prefixes: set[str]) -> bool:
+    """Whether the relative path ``rel`` is one of ``prefixes`` or inside one."""
+    parts = rel.split("/")
+    return any("/".join(parts[:i]) in prefixes for i in range(1, len(parts) + 1))
+
+
 def collect(root: Path, keep: int, dry_run: bool = False) -> tuple[list[Path], int]:
-    """Delete (or with ``dry_run`` only list) what no kept run references; returns (paths, bytes)."""
+    """Delete (or with ``dry_run`` only list) what no kept run references; returns (paths, bytes).
+    Works on the store behind ``root`` (a local directory or an object-store prefix)."""
     root = Path(root).resolve()
-    runs = kept_runs(root, keep)
+    files = store.listing(root)
+    runs = kept_runs(root, files, keep)
     if not runs:
         return [], 0
-    keep_dirs = referenced(root, runs)
+    keep_dirs = referenced(root, files, runs)
     kept_ids = {r["run_id"] for r in runs}
-    doomed = [root / legacy for legacy in LEGACY if (root / legacy).is_dir()]
-    for success in root.rglob(SUCCESS):
-        d = success.parent.resolve()
-        if (d.name.startswith("key=") or d.name.startswith("shard-")) and d not in keep_dirs and not any(d.is_relative_to(x) for x in doomed):
-            if d.parent.name == "sweeps":
-                continue  # sweep tables are results, not caches
-            doomed.append(d)
-    doomed += [p for p in (root / "runs").glob("*.json") if p.stem.split("-", 1)[-1] not in kept_ids]
-    freed = sum(_size(p) for p in doomed)
+    legacy = {x for x in LEGACY if any(rel.startswith(x + "/") for rel in files)}
+    doomed = [root / x for x in sorted(legacy)]
+    for rel in files:
+        d = (root / rel).parent
+        if Path(rel).name != SUCCESS or not d.name.startswith(("key=", "shard-")) or d in keep_dirs:
+            continue
+        if d.parent.name == "sweeps" or _under(rel, legacy):
+            continue  # sweep tables are results, not caches
+        doomed.append(d)
+    doomed += [root / rel for rel in files if rel.startswith("runs/") and rel.endswith(".json")
+               and Path(rel).stem.split("-", 1)[-1] not in kept_ids]
+    gone = {p.relative_to(root).as_posix() for p in doomed}
+    freed = sum(size for rel, size in files.items() if _under(rel, gone))
     if not dry_run:
         for p in doomed:
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-        _vacuum_small_tables(root, kept_ids)
+            store.delete(p)
+        _vacuum_small_tables(root, files, kept_ids)
     return doomed, freed
 
 
-def _vacuum_small_tables(root: Path, kept_ids: set[str]) -> None:
+def _vacuum_small_tables(root: Path, files: dict[str, int], kept_ids: set[str]) -> None:
     """Remove the data files of the small published tables that no kept run's version reads (the
     sharded tables' files are the shard directories, handled above)."""
-    tables = root / "tables"
-    if not tables.is_dir():
-        return
-    for table in tables.iterdir():
-        if not (table / "_delta_log").is_dir() or any(table.glob("shard-*")):
+    tables: dict[str, list[str]] = {}
+    for rel in files:
+        parts = rel.split("/")
+        if len(parts) > 2 and parts[0] == "tables":
+            tables.setdefault(parts[1], []).append("/".join(parts[2:]))
+    for name, rels in tables.items():
+        table = root / "tables" / name
+        if not any(r.startswith("_delta_log/") for r in rels) or any(r.startswith("shard-") for r in rels):
             continue
         versions = [v for v, run in publish.run_versions(table) if run in kept_ids]
         used = publish.referenced_files(table, versions)
-        for f in table.rglob("*.parquet"):
-            rel = f.relative_to(table).as_posix()
-            if not rel.startswith("_delta_log") and rel not in used:
-                f.unlink()
-
-
-def _size(path: Path) -> int:
-    if path.is_file():
-        return path.stat().st_size
-    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+        for rel in rels:
+            if rel.endswith(".parquet") and not rel.startswith("_delta_log") and rel not in used:
+                store.delete(table / rel)

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from jobs import store
 from jobs.config import ConfigError, load_config, parse_overrides
 from jobs.report import decisions, read_published
 
@@ -49,10 +50,10 @@ def run(args: argparse.Namespace) -> int:
     if args.last < 1:
         print("error: --last must be >= 1", file=sys.stderr)
         return 2
-    root = Path(cfg.output) / cfg.experiment
+    root = store.root_path(cfg.output) / cfg.experiment
     history = read_published(root / "tables" / "batches")
     if history is None or history.empty:
-        print(f"error: no batches table in {root / 'tables'} — has a run with verdicts.enabled and data.incoming_datasets "
+        print(f"error: no batches table in {store.uri(root / 'tables')} — has a run with verdicts.enabled and data.incoming_datasets "
               "published one?", file=sys.stderr)
         return 2
     by_dataset = decisions(history, cfg.verdicts.margin, cfg.verdicts.alpha)
@@ -66,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"# {dataset}: {len(history[history.dataset == dataset])} batches (newest {len(rows)} shown)\n")
             print(history_table(rows, decided))
             print(f"\n{newest[dataset].reason}\n")
-        reports = sorted((root / "reports").glob("*/report-*.html"))
+        reports = sorted(rel for rel in store.listing(root / "reports") if Path(rel).name.startswith("report-"))
         if reports:
-            print(f"report: {reports[-1]}")
+            print(f"report: {store.uri(root / 'reports' / reports[-1])}")
     return 1 if any(d.fire for d in newest.values()) else 0

@@ -9,12 +9,8 @@ from __future__ import annotations
 
 import sys
 
-from jobs.cli import main as cli_main
-
-
-def main(argv: list[str] | None = None) -> int:
-    return cli_main(["run", *(sys.argv[1:] if argv is None else argv)])
+from jobs.cli import entry
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry(["run", *sys.argv[1:]])

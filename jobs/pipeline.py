@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 import uuid
 from dataclasses import dataclass
@@ -17,14 +16,14 @@ from pathlib import Path
 import pandas as pd
 import pyarrow as pa
 
-from jobs import publish, storage, tracking
+from jobs import publish, storage, store, tracking
 from jobs.config import DetectorConfig, JobConfig
 from jobs.extras import wanted_extras
 from jobs.logs import Heartbeat
 from jobs.plan import print_run_plan
 from jobs.report import nightly_report
 from jobs.sanity import result_warnings
-from jobs.runtime import claim_scratch, clean_stale_scratch
+from jobs.runtime import bound_heap, claim_scratch, clean_stale_scratch
 from jobs.stages.base import Context, ShardFiles, Stage, StageResult
 from jobs.stages.embed import EmbedStage
 from jobs.stages.errors import ErrorsStage
@@ -92,12 +91,12 @@ def run_stages(ctx: Context, stages: list[Stage], tracker: tracking.Tracker) -> 
             if not reused:
                 with target.writing() as tmp:
                     stage.run(ctx, up, tmp)
-            result = results[stage.name] = stage.load(ctx, up, target.path)
+            result = results[stage.name] = stage.load(ctx, up, storage.fetch(target.path))
         ctx.progress = print
         rec = StageRecord(stage.name, target.path, reused, round(time.time() - t0, 2), result.counts())
         records.append(rec)
         counts = "".join(f", {k} {v}" for k, v in rec.counts.items())
-        print(f"[{stage.name}] {'reused' if reused else 'computed'} in {rec.seconds:.1f}s{counts} → {target.path}", flush=True)
+        print(f"[{stage.name}] {'reused' if reused else 'computed'} in {rec.seconds:.1f}s{counts} → {store.uri(target.path)}", flush=True)
         tracker.stage(stage.name, rec.seconds, result.children(ctx))
     return results, records
 
@@ -121,14 +120,15 @@ def run(
     ``overrides``: the ``--set`` items the config was loaded with (recorded in MLflow).
     """
     started = time.time()
+    bound_heap()
     wanted_extras(cfg)  # detectors sharing an EMBED column must agree on it: a config error, before anything runs
     model = load_job_model(cfg)
     print_run_plan(cfg, model)  # the cost plan in a few lines; refuses a run over runtime.max_driver_memory_gb (exit 2)
-    root = Path(cfg.output) / cfg.experiment
+    root = store.root_path(cfg.output) / cfg.experiment
     ctx = Context(cfg, model, model.weights_hash(), Head(*model.head_arrays()), root / ".scratch" / uuid.uuid4().hex[:8],
                   list(detectors or cfg.detectors))
     run_id = uuid.uuid4().hex[:12]
-    uri = tracking.tracking_uri(cfg.mlflow.tracking_uri, Path(cfg.output)) if cfg.mlflow.enabled else None
+    uri = tracking.tracking_uri(cfg.mlflow.tracking_uri, store.root_path(cfg.output)) if cfg.mlflow.enabled else None
     tags = {"schedule": schedule or cfg.schedule, "git_sha": tracking.git_sha(), "model_hash": ctx.model_hash,
             "config_hash": cfg.digest(), "oodlib_run_id": run_id, "model": cfg.model.name}
     import yaml
@@ -152,10 +152,10 @@ def run(
             if "verdicts" in results:
                 nightly = nightly_report(ctx, results, metrics, meta)
                 tracker.steps(nightly.pop("batch_metrics"))
-                summary["tables"] |= {name: {"path": str(ctx.root / "tables" / name), "version": v}
+                summary["tables"] |= {name: {"path": store.uri(ctx.root / "tables" / name), "version": v}
                                       for name, v in nightly.pop("versions").items()}
                 summary.update(nightly)
-                artifacts += [Path(nightly["report_dir"]) / "alert.json", *map(Path, nightly["reports"])]
+                artifacts += [store.local_path(nightly["report_dir"]) / "alert.json", *map(store.local_path, nightly["reports"])]
         acc = metrics[metrics.task == "classify"]
         tracker.finish(
             {**{f"acc.{r.dataset.replace('/', '.')}": r.value for r in acc.itertuples()},
@@ -167,7 +167,8 @@ def run(
         tracker.fail()
         raise
     finally:
-        shutil.rmtree(ctx.scratch, ignore_errors=True)
+        store.delete(ctx.scratch)  # and what workers uploaded of it
+    summary["total_seconds"] = round(time.time() - started, 2)  # publishing, report and tracking included
     write_run_record(root, summary)
     print_summary(summary, metrics)
     return summary
@@ -190,8 +191,8 @@ def publish_tables(ctx: Context, results: dict[str, StageResult], metrics: pd.Da
         out[name] = publish.publish_shards(ctx.root / "tables" / name, files.shards, files.sub, meta)
     for name, parts in small.items():
         out[name] = publish.publish_table(ctx.root / "tables" / name, pa.concat_tables(parts, promote_options="default"), meta)
-    print("[publish] " + ", ".join(f"{n} v{v}" for n, v in sorted(out.items())) + f" in {ctx.root / 'tables'}", flush=True)
-    return {name: {"path": str(ctx.root / "tables" / name), "version": v} for name, v in sorted(out.items())}
+    print("[publish] " + ", ".join(f"{n} v{v}" for n, v in sorted(out.items())) + f" in {store.uri(ctx.root / 'tables')}", flush=True)
+    return {name: {"path": store.uri(ctx.root / "tables" / name), "version": v} for name, v in sorted(out.items())}
 
 
 def run_warnings(ctx: Context, results: dict[str, StageResult], metrics: pd.DataFrame) -> list[str]:
@@ -207,11 +208,10 @@ def run_warnings(ctx: Context, results: dict[str, StageResult], metrics: pd.Data
 
 
 def write_run_record(root: Path, summary: dict) -> None:
-    """``last_run.json`` and the run's record in ``runs/`` (what ``oodlib gc`` keeps by)."""
-    (root / "runs").mkdir(parents=True, exist_ok=True)
+    """``last_run.json`` and the run's record in ``runs/`` (what ``oodlib gc`` keeps by), in the store."""
     stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
-    (root / "runs" / f"{stamp}-{summary['run_id']}.json").write_text(json.dumps(summary, indent=2))
-    (root / "last_run.json").write_text(json.dumps(summary, indent=2))
+    store.write_text(root / "runs" / f"{stamp}-{summary['run_id']}.json", json.dumps(summary, indent=2))
+    store.write_text(root / "last_run.json", json.dumps(summary, indent=2))
 
 
 def all_metrics(results: dict[str, StageResult]) -> pd.DataFrame:
@@ -230,7 +230,7 @@ def job_summary(ctx: Context, run_id: str, config_path: str, results: dict, reco
     summary = {
         "run_id": run_id, "experiment": cfg.experiment, "config": config_path, "config_hash": cfg.digest(),
         "manifest": manifest.source, "manifest_hash": manifest.hash(), "model_hash": ctx.model_hash,
-        "stages": {r.name: str(r.path) for r in records}, "reused": {r.name: r.reused for r in records},
+        "stages": {r.name: store.uri(r.path) for r in records}, "reused": {r.name: r.reused for r in records},
         "seconds": {r.name: r.seconds for r in records}, "counts": {r.name: r.counts for r in records if r.counts},
         "images": images, "total_seconds": round(time.time() - started, 2),
     }
@@ -248,7 +248,7 @@ def print_summary(summary: dict, metrics: pd.DataFrame) -> None:
     print("stage seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in summary["seconds"].items()))
     if c:
         print(f"shards: recomputed {c.get('shards_recomputed')} of {c.get('shards_total')} (EMBED)")
-    print(f"outputs: {Path(summary['stages']['manifest']).parent.parent} (last_run.json lists every stage path)")
+    print(f"outputs: {summary['stages']['manifest'].rsplit('/', 2)[0]} (last_run.json lists every stage path)")
     if summary["tracking_uri"]:
         print(f"MLflow run {summary['mlflow_run_id']} in {summary['tracking_uri']}")
         print(f"  look at it: mlflow ui --backend-store-uri {summary['tracking_uri']} --host 127.0.0.1")

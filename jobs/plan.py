@@ -12,23 +12,27 @@ every run prints the short form (:func:`print_run_plan`). A plan whose driver me
 Estimates, not measurements: memory counts the big arrays a stage holds (Arrow + NumPy copies),
 times add fixed costs measured on a local Ray (:data:`FIXED`); FIT's and SCORE's are flop counts at
 the calibrated rate of one CPU and leave out the detectors' own overheads (OpenMax's per-class fits
-at C = 1000 …), so they are low for many-class heads. ``benchmarks/bench_scale.py`` measures.
+at C = 1000 …), so they are low for many-class heads. The other stages (MANIFEST, MUTANTS,
+GAUSSIANIZE, EVALUATE, ERRORS, VERDICTS, GRAPH, EXPLAIN) are charged their configured work at rates
+timed on this machine (:mod:`jobs.plan_stages`, :mod:`jobs.calibrate_stages`); the stages are listed
+in the pipeline's order. ``benchmarks/bench_scale.py`` measures.
 """
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from jobs.calibrate import Calibration, calibrate
 from jobs.config import ConfigError, JobConfig
+from jobs.plan_stages import Sizes, StageCost, after_score, before_embed
 from jobs.rows import errors_rows, every_row, graph_rows, scored_rows
 
 GiB = 2**30
 #: fixed costs (seconds) on a local Ray, measured on a 2-core machine: Ray's start, one EMBED wave
 #: (a Ray Data pipeline whose actors start and load the model), a Ray task or actor worker start
-FIXED = {"ray_start": 3.0, "wave": 4.5, "batch": 0.004, "shard_commit": 0.05, "fit": 2.5, "score": 3.0,
-         "evaluate": 0.6, "plot": 0.1}
+FIXED = {"ray_start": 3.0, "wave": 4.5, "batch": 0.004, "shard_commit": 0.05, "fit": 2.5, "score": 3.0}
 READ_BPS, WRITE_BPS = 300e6, 150e6  # Parquet bytes/s per task (read, write)
 DRIVER_BASE = 0.6 * GiB  # the driver process: Python, torch, Ray, the model
 ACTOR_BASE = 0.5 * GiB
@@ -38,21 +42,6 @@ META_ROW_B = 80  # ids, dataset, split … of a features/scores row on disk
 
 class PlanRefused(ConfigError):
     """The plan's estimated driver memory exceeds ``runtime.max_driver_memory_gb``."""
-
-
-@dataclass
-class StageCost:
-    name: str
-    rows: float
-    work: str  # what a row costs: "1 F", "reads 2.1 GiB" …
-    written: float = 0.0  # bytes
-    driver: float = 0.0  # bytes the driver holds for the stage (beyond the run's base)
-    worker: float = 0.0  # host bytes per actor/task
-    device: float = 0.0  # accelerator bytes per actor (EMBED)
-    seconds: float = 0.0  # wall clock
-    device_seconds: float = 0.0  # actor-seconds holding a GPU (EMBED)
-    notes: list[str] = field(default_factory=list)
-    parts: list["StageCost"] = field(default_factory=list)  # EMBED's extras
 
 
 @dataclass
@@ -66,6 +55,10 @@ class Plan:
     limit: float | None
     actors: int = 1
     batch_size: int = 1
+    batches: dict[str, list[int]] = field(default_factory=dict)  # rows per batch of each incoming dataset
+
+    def stage(self, name: str) -> StageCost | None:
+        return next((s for s in self.stages if s.name == name), None)
 
     @property
     def driver_peak(self) -> tuple[float, str]:
@@ -81,18 +74,23 @@ class Plan:
         return sum(s.seconds for s in self.stages)
 
 
-def row_counts(cfg: JobConfig, manifest: str | Path | None = None) -> tuple[dict[tuple[str, str], int] | None, str]:
-    """Rows per (dataset, split) of the job (its datasets, ``limit_per_split``), and where they come
-    from; (None, why) when unknown (image sets on disk without ``rows:``)."""
+def row_counts(cfg: JobConfig, manifest: str | Path | None = None
+               ) -> tuple[dict[tuple[str, str], int] | None, str, dict[str, list[int]]]:
+    """Rows per (dataset, split) of the job (its datasets, ``limit_per_split`` per batch, as MANIFEST
+    keeps them), where they come from, and the rows per batch of each incoming dataset; (None, why,
+    {}) when unknown (image sets on disk without ``rows:``)."""
     from jobs.stages.manifest import wanted_datasets
 
-    counts: dict[tuple[str, str], int] = {}
+    keyed: dict[tuple[str, str, str], int] = {}  # (dataset, split, batch)
     manifest = manifest or (cfg.data.manifest if cfg.data.source == "manifest" else None)
     if manifest is not None:
         import pyarrow.parquet as pq
 
-        t = pq.read_table(manifest, columns=["dataset", "split"]).group_by(["dataset", "split"]).aggregate([([], "count_all")])
-        counts = {(d, s): n for d, s, n in zip(*(t.column(c).to_pylist() for c in ("dataset", "split", "count_all")))}
+        cols = ["dataset", "split", *(["batch"] if "batch" in pq.read_schema(manifest).names else [])]
+        t = pq.read_table(manifest, columns=cols).group_by(cols).aggregate([([], "count_all")])
+        batch = t.column("batch").to_pylist() if "batch" in cols else [""] * t.num_rows
+        for d, s, b, n in zip(t.column("dataset").to_pylist(), t.column("split").to_pylist(), batch, t.column("count_all").to_pylist()):
+            keyed[d, s, b or ""] = n
         source = f"manifest {manifest}"
     elif cfg.data.source == "digits":
         from oodlib.data.digits import build_digits
@@ -100,21 +98,29 @@ def row_counts(cfg: JobConfig, manifest: str | Path | None = None) -> tuple[dict
 
         sets = build_digits(cfg.data.seed)
         for s in [*sets, *digits_incoming_batches(cfg.data.seed, sets=sets)]:
-            counts[s.dataset, s.split] = counts.get((s.dataset, s.split), 0) + len(s.image_ids)
+            for b in (s.batches or [""] * len(s.image_ids)):
+                keyed[s.dataset, s.split, b] = keyed.get((s.dataset, s.split, b), 0) + 1
         source = "the embedded digits benchmark"
     else:
         missing = [f"{s.dataset}/{s.split}" for s in cfg.data.sets if s.rows is None]
         if missing:
-            return None, f"data.sets {missing} have no rows: (give them, or --manifest)"
+            return None, f"data.sets {missing} have no rows: (give them, or --manifest)", {}
         for s in cfg.data.sets:
             val = (s.val_per_class or 0) * (cfg.model.num_classes or 1000) if (s.val_per_class or s.imbalance_ratio) else 0
-            counts[s.dataset, s.split] = counts.get((s.dataset, s.split), 0) + s.rows - val
+            keyed[s.dataset, s.split, ""] = keyed.get((s.dataset, s.split, ""), 0) + s.rows - val
             if val:
-                counts[s.dataset, "val"] = counts.get((s.dataset, "val"), 0) + val
+                keyed[s.dataset, "val", ""] = keyed.get((s.dataset, "val", ""), 0) + val
         source = "the rows: of data.sets"
     datasets = {n for names in wanted_datasets(cfg).values() for n in names}
     limit = cfg.data.limit_per_split or math.inf
-    return {k: int(min(n, limit)) for k, n in sorted(counts.items()) if k[0] in datasets}, source
+    counts: dict[tuple[str, str], int] = {}
+    batches: dict[str, list[int]] = {}
+    for (d, s, b), n in sorted(keyed.items()):
+        if d in datasets:
+            counts[d, s] = counts.get((d, s), 0) + int(min(n, limit))
+            if d in cfg.data.incoming_datasets and b:
+                batches.setdefault(d, []).append(int(min(n, limit)))
+    return counts, source, batches
 
 
 def _passes(f: float, b: float) -> str:
@@ -131,8 +137,10 @@ def _bank_rows(det, d, n: int) -> float:
     return 0.0
 
 
-def estimate(cfg: JobConfig, counts: dict[tuple[str, str], int], cal: Calibration, source: str = "") -> Plan:
-    """The cost plan of ``cfg`` over ``counts`` rows with the calibration ``cal``."""
+def estimate(cfg: JobConfig, counts: dict[tuple[str, str], int], cal: Calibration, source: str = "",
+             batches: dict[str, list[int]] | None = None) -> Plan:
+    """The cost plan of ``cfg`` over ``counts`` rows (``batches``: rows per batch of each incoming
+    dataset) with the calibration ``cal``; the stages in the pipeline's order."""
     from jobs.extras import EXTRAS, wanted_extras
     from oodlib.detectors import make_detector
 
@@ -143,7 +151,8 @@ def estimate(cfg: JobConfig, counts: dict[tuple[str, str], int], cal: Calibratio
     extras = wanted_extras(cfg)
     widths = {name: cal.widths.get(name, 0) for name in extras}
     row_b = 4 * (D + C) + META_ROW_B + 4 * sum(widths.values())  # a row with every extra (a missing vector compresses away)
-    stages = []
+    sizes = Sizes(cfg, counts, batches)
+    stages = before_embed(cfg, sizes, cal)
 
     # EMBED: decode + one forward per row, each extra on its rows
     parts, device_s = [], n * (cal.decode + cal.forward)
@@ -216,19 +225,16 @@ def estimate(cfg: JobConfig, counts: dict[tuple[str, str], int], cal: Calibratio
         worker=ACTOR_BASE + state + 3 * n / files * row_b,
         seconds=FIXED["score"] + n * row_b / READ_BPS / cal.cpus + n * flops_row / cal.flops / cal.cpus))
     scores_b = n * (4 * len(dets) + META_ROW_B) * 2
-    stages.append(StageCost("evaluate", counts_of(counts, cfg, scored=True), "metrics, plots", driver=scores_b,
-                            seconds=FIXED["evaluate"] + FIXED["plot"] * len(dets) + n * 1e-6))
-    if cfg.errors.enabled:
-        rows = errors_rows(cfg).expected(counts)
-        vec = widths.get("conductance", 0) + widths.get("lcr", 0)
-        stages.append(StageCost("errors", rows, "conductance + LCR detectors", driver=3 * rows * 4 * (vec + C)))
-    if cfg.graph.enabled:
-        rows = graph_rows(cfg).expected(counts)
-        stages.append(StageCost("graph", rows, "kNN graph + GCN", driver=3 * rows * 4 * 2 * D))
-    if getattr(cfg, "verdicts", None) is not None and cfg.verdicts.enabled:
-        stages.append(StageCost("verdicts", n, "thresholds, verdicts", driver=2 * scores_b))
+    # EVALUATE, ERRORS, VERDICTS, GRAPH, EXPLAIN (jobs.plan_stages), with what their driver holds
+    driver = {"evaluate": scores_b, "verdicts": 2 * scores_b,
+              "errors": 3 * errors_rows(cfg).expected(counts) * 4 * (widths.get("conductance", 0) + widths.get("lcr", 0) + C),
+              "graph": 3 * graph_rows(cfg).expected(counts) * 4 * 2 * D}
+    for stage in after_score(cfg, sizes, cal, len(dets), counts_of(counts, cfg, scored=True)):
+        stage.driver = driver.get(stage.name, 0.0)
+        stages.append(stage)
     persistent = DRIVER_BASE + cal.model_bytes + n * (MANIFEST_ROW_B + cal.image_bytes)
-    return Plan(cfg.experiment, counts, source, cal, stages, persistent, cfg.runtime.max_driver_memory_gb, actors, e.batch_size)
+    return Plan(cfg.experiment, counts, source, cal, stages, persistent, cfg.runtime.max_driver_memory_gb, actors, e.batch_size,
+                dict(batches or {}))
 
 
 def _score_flops(det, d, n_train: int, D: int, C: int) -> float:
@@ -282,7 +288,7 @@ def format_plan(plan: Plan, short: bool = False) -> str:
              f"about {_t(plan.seconds)} wall; "
              f"driver peak ≈ {_b(peak)} in {where}{limit}")
     if short:
-        embed = plan.stages[0]
+        embed = plan.stage("embed")
         extras = ", ".join(f"{p.name} {p.rows:,.0f} rows" for p in embed.parts)
         return "\n".join([head, f"  embed {_t(embed.seconds)} ({_gpu(embed.device_seconds)}), writes {_b(embed.written)}"
                           + (f"; extras: {extras}" if extras else ""), "  " + total])
@@ -309,12 +315,24 @@ def check_memory(plan: Plan) -> None:
 
 
 def make_plan(cfg: JobConfig, model, manifest: str | Path | None = None, quick: bool = False) -> Plan | None:
-    """The plan of ``cfg`` (None when the row counts are unknown); ``quick``: calibrate the forward only."""
-    counts, source = row_counts(cfg, manifest)
+    """The plan of ``cfg`` (None when the row counts are unknown); ``quick``: calibrate EMBED's
+    forward only (the other stages at :data:`jobs.plan_stages.DEFAULT_RATES`)."""
+    t0 = time.perf_counter()
+    counts, source, batches = row_counts(cfg, manifest)
     if counts is None:
         print(f"plan: row counts unknown — {source}", flush=True)
         return None
-    return estimate(cfg, counts, calibrate(cfg, model, quick=quick), source)
+    built = time.perf_counter() - t0 if cfg.data.source == "digits" else 0.0  # MANIFEST builds the same sets
+    cal = calibrate(cfg, model, quick=quick)
+    cal.manifest = built
+    if not quick:
+        from jobs.calibrate_stages import calibrate_stages
+
+        t0 = time.perf_counter()
+        sizes = Sizes(cfg, counts, batches).for_calibration(cal.feature_dim, cal.num_classes, cal.widths.get("conductance", 0))
+        cal.rates = calibrate_stages(cfg, model, sizes, cal.forward)
+        cal.seconds += time.perf_counter() - t0
+    return estimate(cfg, counts, cal, source, batches)
 
 
 def planning_model(cfg: JobConfig):

@@ -10,6 +10,13 @@ metadata carries ``oodlib_run_id`` and ``config_hash``. DuckDB (``delta_scan``),
 ``features`` and ``scores`` are not rewritten: their tables reference the Parquet files of the
 content-keyed shards (``tables/features/shard-…``), which live inside the table's directory — a
 run commits only a new log entry. The small tables are written as new files each run.
+
+With an object-store output the tables are in the store (``s3://…/tables/<name>``, named by
+:func:`jobs.store.uri`); delta-rs reads the same environment variables as pyarrow (endpoint,
+credentials, ``AWS_ALLOW_HTTP``). Its commits use delta-rs's default log store, which writes each
+``_delta_log`` entry with a conditional put (``If-None-Match: *``) — safe for concurrent runs on
+S3 (since 2024), GCS, MinIO and R2, with no lock table; ``AWS_S3_ALLOW_UNSAFE_RENAME`` is
+deliberately not set (two concurrent runs could then overwrite each other's commit).
 """
 from __future__ import annotations
 
@@ -20,7 +27,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from jobs.storage import FILES
+from jobs import store
+from jobs.storage import FILES, SUCCESS
 
 PARTITION = "dataset"
 
@@ -40,7 +48,7 @@ def _commit(table_root: Path, write, meta: dict[str, str], attempts: int = 5) ->
     for attempt in range(attempts):
         try:
             write(CommitProperties(custom_metadata=meta))
-            return DeltaTable(str(table_root)).version()
+            return DeltaTable(store.uri(table_root)).version()
         except CommitFailedError:
             if attempt + 1 == attempts:
                 raise
@@ -50,33 +58,36 @@ def _commit(table_root: Path, write, meta: dict[str, str], attempts: int = 5) ->
 
 def publish_shards(table_root: Path, shard_dirs: list[Path], sub: str, meta: dict[str, str]) -> int:
     """Commit the ``sub`` Parquet files (``<shard>/<sub>/dataset=…/*.parquet``) of ``shard_dirs``
-    — directories under ``table_root`` — as the table's new version (no data rewritten)."""
+    — directories under ``table_root`` — as the table's new version (no data rewritten). Reads the
+    shards' file lists, commit times and one footer from the store, no data."""
     from deltalake import DeltaTable, Schema
     from deltalake.transaction import AddAction, create_table_with_add_actions
 
     table_root = Path(table_root)
-    actions, schema = [], None
+    actions, schema, root = [], None, store.uri(table_root)
     for shard in shard_dirs:
-        listed = json.loads((shard / FILES).read_text())
+        listed = json.loads(store.read_bytes(shard / FILES))
+        committed_ms = int(json.loads(store.read_bytes(shard / SUCCESS))["time"] * 1000)
         for rel, entry in sorted(listed.items()):
             if not (rel.startswith(f"{sub}/") and rel.endswith(".parquet")):
                 continue
             part = next(p for p in rel.split("/") if p.startswith(f"{PARTITION}="))
             path = (shard / rel).relative_to(table_root).as_posix()
             if schema is None:
-                schema = pq.read_schema(shard / rel).append(pa.field(PARTITION, pa.string()))
-            actions.append(AddAction(path, entry["size"], {PARTITION: part.split("=", 1)[1]}, int((shard / rel).stat().st_mtime * 1000),
+                fs, where = store.fs_of(shard / rel)
+                schema = pq.read_schema(where, filesystem=fs).append(pa.field(PARTITION, pa.string()))
+            actions.append(AddAction(path, entry["size"], {PARTITION: part.split("=", 1)[1]}, committed_ms,
                                      True, json.dumps({"numRecords": entry["rows"]})))
     if schema is None:
         raise ValueError(f"no {sub} files to publish in {table_root}")
     schema = pa.schema([f for f in schema if f.name != "__index_level_0__"])
 
     def write(props) -> None:
-        if DeltaTable.is_deltatable(str(table_root)):
-            DeltaTable(str(table_root)).create_write_transaction(actions, "overwrite", schema, partition_by=[PARTITION],
+        if DeltaTable.is_deltatable(root):
+            DeltaTable(root).create_write_transaction(actions, "overwrite", schema, partition_by=[PARTITION],
                                                                   commit_properties=props)
         else:
-            create_table_with_add_actions(str(table_root), Schema.from_arrow(schema), actions, mode="error",
+            create_table_with_add_actions(root, Schema.from_arrow(schema), actions, mode="error",
                                           partition_by=[PARTITION], commit_properties=props)
 
     return _commit(table_root, write, meta)
@@ -86,7 +97,7 @@ def publish_table(table_root: Path, table: pa.Table, meta: dict[str, str]) -> in
     """Overwrite the (small) table at ``table_root`` with ``table`` as a new version."""
     from deltalake import write_deltalake
 
-    return _commit(table_root, lambda props: write_deltalake(str(table_root), table, mode="overwrite", schema_mode="overwrite",
+    return _commit(table_root, lambda props: write_deltalake(store.uri(table_root), table, mode="overwrite", schema_mode="overwrite",
                                                              commit_properties=props), meta)
 
 
@@ -94,19 +105,22 @@ def referenced_files(table_root: Path, versions: list[int]) -> set[str]:
     """Paths (relative to the table) the given versions of a table read."""
     from deltalake import DeltaTable
 
-    out = set()
-    for v in versions:
-        dt = DeltaTable(str(table_root), version=v)
-        out |= {Path(u).relative_to(Path(table_root).resolve()).as_posix() if Path(u).is_absolute() else u
-                for u in dt.file_uris()}
-    return out
+    prefix = store.uri(Path(table_root).resolve()) + "/"
+    return {u.removeprefix("file://").removeprefix(prefix) for v in versions for u in DeltaTable(store.uri(table_root), version=v).file_uris()}
+
+
+def is_table(table_root: Path) -> bool:
+    """Whether a Delta table was ever committed at ``table_root`` (locally or in the store)."""
+    from deltalake import DeltaTable
+
+    return DeltaTable.is_deltatable(store.uri(table_root))
 
 
 def run_versions(table_root: Path) -> list[tuple[int, str | None]]:
     """(version, oodlib run id) of every commit of a table, newest first."""
     from deltalake import DeltaTable
 
-    return [(h["version"], h.get("oodlib_run_id")) for h in DeltaTable(str(table_root)).history()]
+    return [(h["version"], h.get("oodlib_run_id")) for h in DeltaTable(store.uri(table_root)).history()]
 
 
 def duckdb_connection():

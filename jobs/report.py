@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from jobs import publish
+from jobs import publish, store
 from jobs.config import JobConfig
 from oodlib.verdicts import AlertDecision, alert_history, top_flagged
 
@@ -50,9 +50,9 @@ def read_published(table_root: Path) -> pd.DataFrame | None:
     """The current version of a published table, or None when it was never published."""
     from deltalake import DeltaTable
 
-    if not (table_root / "_delta_log").is_dir():
+    if not publish.is_table(table_root):
         return None
-    return DeltaTable(str(table_root)).to_pandas()
+    return DeltaTable(store.uri(table_root)).to_pandas()
 
 
 def batch_history(previous: pd.DataFrame | None, batches: pd.DataFrame, id_dataset: str, run_id: str) -> pd.DataFrame:
@@ -169,8 +169,9 @@ def nightly_report(ctx, results: dict, metrics: pd.DataFrame, meta: dict) -> dic
             "quarantine": v_rows[v_rows.verdict == "quarantined"].why.value_counts().to_dict(),
         }
         reports.append(render_report(context, out / f"report-{dataset}.html"))
+    store.upload(out, [p.name for p in sorted(out.iterdir()) if p.is_file()])
     print_alert(alert)
-    return {"alert": alert, "report_dir": str(out), "reports": [str(p) for p in reports],
+    return {"alert": alert, "report_dir": store.uri(out), "reports": [store.uri(p) for p in reports],
             "versions": {"batches": version, "verdicts": verdicts_version}, "batch_metrics": batch_metrics(history)}
 
 
@@ -180,7 +181,7 @@ def with_maps_pointer(verdicts: pd.DataFrame, maps: pd.DataFrame | None, maps_fi
     from jobs.stages.verdicts import verdicts_arrow
 
     explained = set() if maps is None else set(maps.image_id)
-    pointer = [str(maps_file) if i in explained else None for i in verdicts.image_id]
+    pointer = [store.uri(maps_file) if i in explained else None for i in verdicts.image_id]
     return verdicts_arrow(verdicts).append_column("relevance_maps", pa.array(pointer, pa.string()))
 
 

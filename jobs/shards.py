@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from jobs.storage import StageDir
+from jobs import store
+from jobs.storage import StageDir, fetch
 
 
 def shard_of(image_ids: list[str], num_shards: int) -> np.ndarray:
@@ -80,7 +81,7 @@ def write_index(directory: Path, shard_dirs: list[Path], root: Path, meta: dict)
 
 def index_shards(index_dir: Path) -> list[Path]:
     """The shard directories a committed stage index lists (``{exp}/{stage}/key=…/index.json``)."""
-    index_dir = Path(index_dir)
+    index_dir = fetch(Path(index_dir))
     return [index_dir.parent.parent / p for p in json.loads((index_dir / "index.json").read_text())["shards"]]
 
 
@@ -91,24 +92,22 @@ def index_dirs(index_dir: Path, sub: str) -> list[Path]:
 
 def previous_shard(latest: Path, shard: int) -> Path | None:
     """The last committed, intact directory of shard number ``shard`` under one EMBED config, if any."""
-    pointer = latest / f"shard={shard}.json"
-    if not pointer.is_file():
+    try:
+        pointer = json.loads(store.read_bytes(latest / f"shard={shard}.json"))
+    except FileNotFoundError:
         return None
-    path = Path(os.path.normpath(latest / json.loads(pointer.read_text())["path"]))
+    path = Path(os.path.normpath(latest / pointer["path"]))
     return path if StageDir.of(path).committed() else None
 
 
 def set_previous_shard(latest: Path, shard: int, path: Path) -> None:
-    """Point shard number ``shard`` at its newest committed directory (a relative path, written via rename)."""
-    latest.mkdir(parents=True, exist_ok=True)
-    tmp = latest / f".shard={shard}.json.tmp"
-    tmp.write_text(json.dumps({"path": os.path.relpath(path, latest)}))
-    os.replace(tmp, latest / f"shard={shard}.json")
+    """Point shard number ``shard`` at its newest committed directory (a relative path)."""
+    store.write_text(latest / f"shard={shard}.json", json.dumps({"path": os.path.relpath(path, latest)}))
 
 
 def committed_identities(shard_dir: Path) -> set[str]:
     """Row identities (:func:`row_identities`) of the input rows of a committed shard."""
     import pyarrow.parquet as pq
 
-    return set(pq.read_table(shard_dir / "rows").column("identity").to_pylist())
+    return set(pq.read_table(fetch(shard_dir) / "rows").column("identity").to_pylist())
 

@@ -1,11 +1,26 @@
 """Stage outputs: content-keyed directories committed atomically and verified on reuse.
 
 Layout: ``{output}/{experiment}/{stage}/key={content_key}/…``. A stage writes into a temporary
-sibling directory; on success every file is listed in ``_FILES.json`` (size, a BLAKE2b hash, and
-the row count of each Parquet file), then ``_SUCCESS`` is written and the directory is renamed
-into place — a crash never leaves a directory that looks complete. Reuse checks that every listed
-file is there with its size (cheap, always); :func:`verify` also checks the hashes (``oodlib
-verify``). A damaged commit is discarded with a warning and recomputed, never read around.
+local sibling directory; on success every file is listed in ``_FILES.json`` (size, a BLAKE2b hash,
+and the row count of each Parquet file) and ``_SUCCESS`` is written. Then:
+
+* a **local** output renames the directory into place — a crash never leaves a directory that
+  looks complete;
+* an **object-store** output (``s3://``, ``gs://``; :mod:`jobs.store`) has no atomic rename, so
+  the commit is ordered instead: the prefix's leftovers of an earlier crashed upload are cleared,
+  every file is uploaded (``_FILES.json`` among them), and ``_SUCCESS`` last. A prefix without
+  ``_SUCCESS`` is not committed, whatever else it holds, and is cleared before it is written again.
+  The local directory is then renamed into the node's mirror: it *is* the committed content.
+
+A committed directory is immutable (same key = same content), so a node-local copy of it is always
+valid: :func:`fetch` downloads a committed directory into the mirror once (only the files
+``_FILES.json`` lists, each checked against its size and hash) and the stage code reads local
+paths, on the driver and on the workers alike. A mirror copy is used while its ``_SUCCESS`` equals
+the store's (a key gc'd and recommitted gets a new one).
+
+Reuse checks that ``_SUCCESS`` is there and every listed file is there with its size (one
+listing, cheap, always); :func:`verify` also checks the hashes (``oodlib verify``). A damaged
+commit is discarded with a warning and recomputed, never read around.
 """
 from __future__ import annotations
 
@@ -23,11 +38,15 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
+from jobs import store
+
 log = logging.getLogger("oodlib.storage")
 SUCCESS = "_SUCCESS"
+UNCOMMITTED = "not committed (no _SUCCESS)"
 FILES = "_FILES.json"
 #: rows that could not be used, with the stage that found them and why
 QUARANTINE_SCHEMA = pa.schema(
@@ -46,11 +65,22 @@ def content_key(stage: str, version: int, **inputs) -> str:
 
 
 def file_hash(path: str | Path, chunk: int = 1 << 22) -> str:
-    """BLAKE2b (16 bytes, hex) of a file's bytes, streamed: commit checksums and input identities."""
-    digest = hashlib.blake2b(digest_size=16)
+    """BLAKE2b (16 bytes, hex) of a local file's bytes, streamed: commit checksums and input identities."""
     with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
+        return _digest(fh, chunk)
+
+
+def stored_hash(path: Path, chunk: int = 1 << 22) -> str:
+    """:func:`file_hash` of the file in the store behind ``path`` (:mod:`jobs.store`)."""
+    fs, where = store.fs_of(path)
+    with fs.open_input_stream(where) as fh:
+        return _digest(fh, chunk)
+
+
+def _digest(stream, chunk: int) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    while block := stream.read(chunk):
+        digest.update(block)
     return digest.hexdigest()
 
 
@@ -67,25 +97,69 @@ def file_list(directory: Path) -> dict[str, dict]:
 
 
 def problems(directory: Path, hashes: bool = False) -> list[str]:
-    """What is wrong with a committed directory (empty list = intact): no ``_SUCCESS`` or file
-    list, a listed file missing or of another size, with ``hashes`` also altered content."""
+    """What is wrong with a committed directory in the store (empty list = intact): no ``_SUCCESS``
+    (:data:`UNCOMMITTED`) or file list, a listed file missing or of another size, with ``hashes``
+    also altered content."""
     directory = Path(directory)
-    if not (directory / SUCCESS).is_file():
-        return ["not committed (no _SUCCESS)"]
+    found = store.listing(directory)
+    if SUCCESS not in found:
+        return [UNCOMMITTED]
     try:
-        listed = json.loads((directory / FILES).read_text())
+        listed = json.loads(store.read_bytes(directory / FILES))
     except (OSError, ValueError):
         return [f"no readable {FILES} (committed before verified commits, or damaged)"]
     out = []
     for rel, entry in listed.items():
-        p = directory / rel
-        if not p.is_file():
+        if rel not in found:
             out.append(f"{rel}: missing")
-        elif p.stat().st_size != entry["size"]:
-            out.append(f"{rel}: {p.stat().st_size} bytes, committed {entry['size']}")
-        elif hashes and file_hash(p) != entry["hash"]:
+        elif found[rel] != entry["size"]:
+            out.append(f"{rel}: {found[rel]} bytes, committed {entry['size']}")
+        elif hashes and stored_hash(directory / rel) != entry["hash"]:
             out.append(f"{rel}: content differs from the commit (hash)")
     return out
+
+
+def commit_root(path: Path) -> Path:
+    """The committed directory (``key=…`` or ``shard-…``) at or above ``path``."""
+    path = Path(path)
+    for d in (path, *path.parents):
+        if d.name.startswith(("key=", "shard-")):
+            return d
+    raise DamagedError(f"{path}: not inside a committed directory")
+
+
+def fetch(path: Path) -> Path:
+    """``path`` — in or at a committed directory — readable here; returns it. For an object-store
+    output the committed directory is copied into this node's mirror unless the mirror holds the
+    same commit (equal ``_SUCCESS``); every downloaded file is checked against ``_FILES.json``. A
+    no-op for a local output."""
+    if not store.is_remote(path):
+        return path
+    root = commit_root(path)
+    try:
+        success = store.read_bytes(root / SUCCESS)
+    except FileNotFoundError:
+        raise DamagedError(f"{store.uri(root)}: not committed (no {SUCCESS}); rerun the job (it recomputes it)") from None
+    if (root / SUCCESS).is_file() and (root / SUCCESS).read_bytes() == success:
+        return path
+    listed = json.loads(store.read_bytes(root / FILES))
+    tmp = root.with_name(f".fetch-{root.name}-{uuid.uuid4().hex[:8]}")
+    try:
+        store.download(root, sorted(listed), tmp)
+        for rel, entry in listed.items():
+            if (tmp / rel).stat().st_size != entry["size"] or file_hash(tmp / rel) != entry["hash"]:
+                raise DamagedError(f"{store.uri(root / rel)}: differs from its commit; `oodlib verify --repair` discards it")
+        (tmp / FILES).write_text(json.dumps(listed, indent=0))
+        (tmp / SUCCESS).write_bytes(success)
+        shutil.rmtree(root, ignore_errors=True)
+        try:
+            os.replace(tmp, root)
+        except OSError:  # another process of this node fetched it meanwhile
+            if (root / SUCCESS).read_bytes() != success:
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
 
 
 @dataclass(frozen=True)
@@ -110,13 +184,13 @@ class StageDir:
         return cls(path.parent, path.name.removeprefix(prefix), prefix)
 
     def committed(self, hashes: bool = False) -> bool:
-        """True when committed and intact. A commit whose files are not what was committed is
-        discarded (with a warning) so that it is recomputed — never read around."""
-        if not (self.path / SUCCESS).is_file():
-            return False
+        """True when committed (in the store) and intact. A commit whose files are not what was
+        committed is discarded (with a warning) so that it is recomputed — never read around."""
         found = problems(self.path, hashes)
+        if found == [UNCOMMITTED]:
+            return False
         if found:
-            log.warning("discarding damaged commit %s (recomputed): %s", self.path, "; ".join(found[:5]))
+            log.warning("discarding damaged commit %s (recomputed): %s", store.uri(self.path), "; ".join(found[:5]))
             discard(self.path)
             return False
         return True
@@ -124,7 +198,7 @@ class StageDir:
     @contextmanager
     def writing(self, meta: dict | None = None) -> Iterator[Path]:
         """Yield a fresh temporary directory; on success list its files, write ``_SUCCESS`` and
-        rename it into place.
+        commit it (the module docstring: renamed into place, or uploaded with ``_SUCCESS`` last).
 
         On an exception the temporary directory is removed and nothing is committed. If another
         writer committed the same key meanwhile, its result is kept (same key = same content).
@@ -134,13 +208,15 @@ class StageDir:
         tmp.mkdir()
         try:
             yield tmp
-            (tmp / FILES).write_text(json.dumps(file_list(tmp), indent=0))
+            listed = file_list(tmp)
+            (tmp / FILES).write_text(json.dumps(listed, indent=0))
             (tmp / SUCCESS).write_text(json.dumps({"key": self.key, "time": time.time(), **(meta or {})}, default=str))
-            if self.path.exists():
-                if self.committed():
-                    shutil.rmtree(tmp)
-                    return
-                discard(self.path)  # an incomplete leftover without _SUCCESS
+            if self.committed():
+                shutil.rmtree(tmp)
+                return
+            discard(self.path)  # an incomplete leftover without _SUCCESS (a crashed write or upload)
+            store.upload(tmp, [*listed, FILES], self.path)
+            store.upload(tmp, [SUCCESS], self.path)  # last: the commit point of an object store
             os.replace(tmp, self.path)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -148,7 +224,12 @@ class StageDir:
 
 
 def discard(path: Path) -> None:
-    """Remove a damaged or incomplete commit: renamed away first (atomic), then deleted."""
+    """Remove a damaged or incomplete commit: locally renamed away first (atomic), then deleted;
+    in an object store the prefix is deleted (it no longer has a ``_SUCCESS`` once that is gone)."""
+    if store.is_remote(path):
+        store.delete(path / SUCCESS)
+        store.delete(path)
+        return
     if not path.exists():
         return
     trash = path.with_name(f".discarded-{path.name}-{uuid.uuid4().hex[:8]}")
@@ -162,7 +243,7 @@ def discard(path: Path) -> None:
 def committed_rows(directory: Path) -> int:
     """Rows of the Parquet files under ``directory`` as recorded at commit time (the nearest
     ``_FILES.json`` at or above it)."""
-    directory = Path(directory)
+    directory = fetch(Path(directory))
     for root in (directory, *directory.parents):
         if (root / FILES).is_file():
             prefix = directory.relative_to(root).as_posix()
@@ -172,8 +253,8 @@ def committed_rows(directory: Path) -> int:
     raise DamagedError(f"{directory}: not inside a verified commit (no {FILES})")
 
 
-def stage_dir(output: Path, experiment: str, stage: str, key: str) -> StageDir:
-    return StageDir(Path(output) / experiment / stage, key)
+def stage_dir(output: str | Path, experiment: str, stage: str, key: str) -> StageDir:
+    return StageDir(store.root_path(output) / experiment / stage, key)
 
 
 # --- Arrow conversions at the write boundary ---
@@ -202,10 +283,10 @@ def column_numpy(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
     return column.to_numpy(zero_copy_only=False)
 
 
-def read_table(paths: Path | list[Path], columns: list[str] | None = None, filter=None) -> pa.Table:
-    """Read one or several (hive-partitioned) Parquet directories of committed outputs into one
-    table; ``filter`` is a pyarrow expression. Every file is read (none is skipped as invalid),
-    and the rows on disk must equal the rows committed, else :class:`DamagedError`."""
+def committed_dataset(paths: Path | list[Path]) -> pads.Dataset:
+    """One or several (hive-partitioned) Parquet directories of committed outputs as one pyarrow
+    dataset (fetched here first, :func:`fetch`). Every file is part of it (none is skipped as
+    invalid), and the rows on disk must equal the rows committed, else :class:`DamagedError`."""
     dirs = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
     parts = []
     for d in dirs:
@@ -224,8 +305,25 @@ def read_table(paths: Path | list[Path], columns: list[str] | None = None, filte
         parts.append(part)
     if not parts:
         raise FileNotFoundError(f"no Parquet files under {dirs[:3]}{' …' if len(dirs) > 3 else ''}")
-    dataset = parts[0] if len(parts) == 1 else pads.dataset(parts)
-    return dataset.to_table(columns=columns, filter=filter)
+    return parts[0] if len(parts) == 1 else pads.dataset(parts)
+
+
+def read_table(paths: Path | list[Path], columns: list[str] | None = None, filter=None) -> pa.Table:
+    """The ``columns`` of the rows matching ``filter`` (a pyarrow expression; on the partition
+    column ``dataset`` it skips whole files) of :func:`committed_dataset`, read batch by batch."""
+    dataset = committed_dataset(paths)
+    schema = dataset.schema if columns is None else pa.schema([dataset.schema.field(c) for c in columns])
+    return pa.Table.from_batches(dataset.to_batches(columns=columns, filter=filter), schema=schema)
+
+
+def rows_filter(parts: dict[str, tuple[str, ...] | None]):
+    """A filter expression for the rows of ``{dataset: its splits, or None for every split}``."""
+    terms = [pc.field("dataset") == d if splits is None else (pc.field("dataset") == d) & pc.field("split").isin(list(splits))
+             for d, splits in parts.items()]
+    out = terms[0]
+    for t in terms[1:]:
+        out = out | t
+    return out
 
 
 def parquet_rows(directory: Path) -> int:
@@ -242,10 +340,11 @@ def write_table(table: pa.Table, directory: Path, name: str = "part-0.parquet") 
 
 
 def verify_tree(root: Path, repair: bool = False, progress=None) -> tuple[int, dict[Path, list[str]]]:
-    """Hash-check every committed directory under ``root`` (stage directories and shards):
-    (number checked, {damaged directory: its problems}). ``repair`` discards the damaged ones, so
-    the next run recomputes them."""
-    commits = sorted(p.parent for p in Path(root).rglob(SUCCESS) if not p.parent.name.startswith("."))
+    """Hash-check every committed directory under ``root`` in the store (stage directories and
+    shards): (number checked, {damaged directory: its problems}). ``repair`` discards the damaged
+    ones, so the next run recomputes them."""
+    commits = sorted({(Path(root) / rel).parent for rel in store.listing(Path(root))
+                      if rel.endswith(SUCCESS) and Path(rel).name == SUCCESS and not Path(rel).parent.name.startswith(".")})
     damaged = {}
     for i, d in enumerate(commits):
         found = problems(d, hashes=True)

@@ -4,11 +4,13 @@ its MLflow runs land where the submitter means them to — not in Ray's per-job 
     oodlib submit --config configs/digits.yaml [--address http://127.0.0.1:8265] [--set KEY=VALUE …]
                   [--schedule nightly] [--submission-id nightly-2026-12-01] [--no-wait]
 
-On the submitting side it validates the config (exit 2 before the cluster is contacted), resolves
-``output`` to an absolute path and the tracking URI (the config's, ``$MLFLOW_TRACKING_URI``, else
-SQLite in the output directory), records the git sha, and submits ``python -m jobs.nightly`` with
-those as ``--set`` overrides and the git sha in the runtime env (token auth: the token file or
-``$RAY_AUTH_TOKEN``). It then streams the job's logs and exits 0 only when the job SUCCEEDED
+On the submitting side it validates the config (exit 2 before the cluster is contacted; an
+object-store output must be writable), resolves ``output`` to an absolute path (a URI stays as
+it is) and the tracking URI (the config's, ``$MLFLOW_TRACKING_URI``, else SQLite in a local output
+directory), records the git sha, and submits ``python -m jobs.nightly`` with those as ``--set``
+overrides and, in the runtime env, the git sha and — for an object-store output — the store's
+variables that are set here (:data:`jobs.store.STORE_ENV`: endpoint, credentials, region; their
+names are printed, never their values) (token auth: the token file or ``$RAY_AUTH_TOKEN``). It then streams the job's logs and exits 0 only when the job SUCCEEDED
 (1 FAILED or STOPPED, 2 bad input, 4 the cluster could not be reached or refused the job).
 The raw equivalent is in the README ("Submitting to Ray").
 """
@@ -22,6 +24,7 @@ import sys
 import time
 from pathlib import Path
 
+from jobs import store
 from jobs.config import ConfigError, JobConfig, load_config, parse_overrides, profile_sets
 
 #: never uploaded with the working directory (outputs, environments, caches)
@@ -30,13 +33,24 @@ EXCLUDES = [".venv/", "outputs/", "mlruns/", "*.db", ".git/", "__pycache__/", ".
 
 def resolved_overrides(cfg: JobConfig, working_dir: Path) -> dict[str, str]:
     """``--set`` values that pin the job's locations on the submitting side: an absolute
-    ``output`` and an explicit tracking URI (SQLite paths made absolute)."""
-    output = Path(cfg.output)
-    output = output if output.is_absolute() else (Path.cwd() / output).resolve()
-    uri = cfg.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{output / 'mlflow.db'}"
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+    ``output`` (or its URI) and an explicit tracking URI (SQLite paths made absolute). With an
+    object-store output and no tracking URI, MLflow's SQLite file stays in the job's node-local
+    mirror of the output (:mod:`jobs.store`): no tracking override (set a tracking server)."""
+    if store.is_uri(cfg.output):
+        output, default = cfg.output, None
+    else:
+        output = Path(cfg.output)
+        output = str(output if output.is_absolute() else (Path.cwd() / output).resolve())
+        default = f"sqlite:///{Path(output) / 'mlflow.db'}"
+    uri = cfg.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default
+    if uri and uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         uri = f"sqlite:///{(Path.cwd() / uri[len('sqlite:///'):]).resolve()}"
-    return {"output": str(output), "mlflow.tracking_uri": uri}
+    return {"output": output, **({"mlflow.tracking_uri": uri} if uri else {})}
+
+
+def store_env(cfg: JobConfig) -> dict[str, str]:
+    """The object-store variables set here that the job's nodes need (none for a local output)."""
+    return {k: os.environ[k] for k in store.STORE_ENV if os.environ.get(k)} if store.is_uri(cfg.output) else {}
 
 
 def config_for_job(config: str, working_dir: Path) -> str:
@@ -72,8 +86,9 @@ def submit(args: argparse.Namespace) -> int:
     pinned = resolved_overrides(cfg, working_dir)
     overrides = [*args.set, *(f"{k}={v}" for k, v in pinned.items())]
     command = entrypoint(config_for_job(args.config, working_dir), overrides, args.schedule)
+    passed = store_env(cfg)
     runtime_env = {"working_dir": str(working_dir), "excludes": EXCLUDES,
-                   "env_vars": {"OODLIB_GIT_SHA": git_sha(), "RAY_AUTH_MODE": "token"}}
+                   "env_vars": {"OODLIB_GIT_SHA": git_sha(), "RAY_AUTH_MODE": "token", **passed}}
     os.environ.setdefault("RAY_AUTH_MODE", "token")
     from ray.job_submission import JobStatus, JobSubmissionClient
 
@@ -92,7 +107,10 @@ def submit(args: argparse.Namespace) -> int:
                 return 4
             print(f"[submit] {exc} — retry {attempt}/{args.attempts - 1} in {args.retry_delay_s:g} s", file=sys.stderr, flush=True)
             time.sleep(args.retry_delay_s)
-    print(f"[submit] {job_id}: {command}\n[submit] outputs {pinned['output']}, tracking {pinned['mlflow.tracking_uri']}", flush=True)
+    print(f"[submit] {job_id}: {command}\n[submit] outputs {pinned['output']}, "
+          f"tracking {pinned.get('mlflow.tracking_uri') or '(SQLite in the job node mirror; set a server)'}"
+          + (f"\n[submit] passing {', '.join(sorted(passed))} from this environment (values not shown)" if passed else ""),
+          flush=True)
     if args.no_wait:
         return 0
 

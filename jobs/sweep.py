@@ -19,7 +19,7 @@ import pandas as pd
 import pyarrow as pa
 import yaml
 
-from jobs import pipeline, storage
+from jobs import pipeline, storage, store
 from jobs.config import ConfigError, DetectorConfig, JobConfig
 from oodlib.reporting.tables import sweep_markdown
 
@@ -71,7 +71,7 @@ def run_sweep(cfg: JobConfig, axes: list[tuple[str, str, list]], config_path: st
     """Run the grid as one job (EMBED reused) and commit the sweep table. Returns (table, dir)."""
     entries, settings = grid_detectors(cfg, axes)
     summary = pipeline.run(cfg, schedule="sweep", config_path=config_path, detectors=entries, targets=("evaluate",))
-    metrics = pd.read_parquet(Path(summary["stages"]["evaluate"]) / "metrics.parquet")
+    metrics = pd.read_parquet(storage.fetch(store.local_path(summary["stages"]["evaluate"])) / "metrics.parquet")
     table = sweep_table(metrics, settings)
     params = [a[1] for a in axes]
     key = storage.content_key("sweep", 1, metrics=summary["stages"]["evaluate"], axes=[(a[0], a[1], a[2]) for a in axes])
@@ -80,6 +80,7 @@ def run_sweep(cfg: JobConfig, axes: list[tuple[str, str, list]], config_path: st
         with target.writing() as tmp:
             storage.write_table(pa.Table.from_pandas(table, preserve_index=False), tmp, "sweep.parquet")
             (tmp / "sweep.md").write_text(sweep_markdown(table, params))
+    storage.fetch(target.path)
     if summary["mlflow_run_id"]:
         import mlflow
 
@@ -89,5 +90,5 @@ def run_sweep(cfg: JobConfig, axes: list[tuple[str, str, list]], config_path: st
             mlflow.log_artifact(str(target.path / "sweep.md"))
             mlflow.log_artifact(str(target.path / "sweep.parquet"))
     print("\n" + (target.path / "sweep.md").read_text())
-    print(f"\nsweep table: {target.path}")
+    print(f"\nsweep table: {store.uri(target.path)}")
     return table, target.path

@@ -7,7 +7,7 @@ from pathlib import Path
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from jobs.config.base import ConfigError, PathField, Strict, in_ray_package
+from jobs.config.base import ConfigError, PathField, Strict, checking_paths, in_ray_package
 from jobs.config.inputs import DataConfig, EmbedConfig, ModelConfig
 from jobs.config.stages import (
     DetectorConfig, ErrorsConfig, ExplainConfig, GraphConfig, MlflowConfig, RuntimeConfig, VerdictsConfig,
@@ -16,7 +16,8 @@ from jobs.config.stages import (
 
 class JobConfig(Strict):
     experiment: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
-    output: PathField = Path("outputs")
+    #: a local directory (a Path), or an object-store prefix ``s3://bucket/prefix`` / ``gs://…`` (a str)
+    output: PathField | str = Path("outputs")
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     embed: EmbedConfig = Field(default_factory=EmbedConfig)
@@ -32,20 +33,35 @@ class JobConfig(Strict):
     @field_validator("output", mode="before")
     @classmethod
     def _output_uri(cls, v):
-        """``file://`` URIs are local paths; object stores (``s3://``, ``gs://``) are not supported yet."""
-        if isinstance(v, str) and "://" in v:
-            scheme, _, rest = v.partition("://")
-            if scheme != "file":
-                raise ValueError(f"{scheme}:// outputs are not supported yet: use a local or mounted path "
-                                 "(e.g. a bucket mounted with gcsfuse / mountpoint-s3) or a file:// URI")
-            return rest
-        return v
+        """A path (``file://`` URIs included) becomes a Path; ``s3://bucket[/prefix]`` and
+        ``gs://…`` stay URIs (:mod:`jobs.store`); any other scheme is refused."""
+        if not isinstance(v, str):
+            return v
+        if "://" not in v:
+            return Path(v)
+        scheme, _, rest = v.partition("://")
+        if scheme == "file":
+            return Path(rest)
+        from jobs.store import SCHEMES
+
+        if scheme not in SCHEMES:
+            raise ValueError(f"{scheme}:// is not a supported output: give a local path, or a file://, s3:// or gs:// URI")
+        if not rest.strip("/"):
+            raise ValueError(f"{v!r} names no bucket (expected {scheme}://bucket/prefix)")
+        return f"{scheme}://{rest.strip('/')}"
 
     @field_validator("output")
     @classmethod
-    def _output_is_a_directory(cls, v: Path) -> Path:
+    def _output_is_a_directory(cls, v: Path | str) -> Path | str:
         """The output must be (or be creatable as) a directory: no file on the way; and inside a
-        Ray job it must be absolute (a relative one would land in the job's package copy)."""
+        Ray job it must be absolute (a relative one would land in the job's package copy). An
+        object-store output must be writable (a probe object is written and deleted)."""
+        if isinstance(v, str):
+            if checking_paths():
+                from jobs.store import check_writable
+
+                check_writable(v)
+            return v
         if not v.is_absolute() and in_ray_package():
             raise ValueError(f"relative path {str(v)!r} would resolve inside this Ray job's package directory "
                              f"({Path.cwd()}), which the next job does not see; give an absolute path or a file:// URI, "
@@ -91,9 +107,9 @@ class JobConfig(Strict):
     def _unique_detectors(self) -> "JobConfig":
         keys = [d.key for d in self.detectors]
         v = self.verdicts
-        if v.primary_detector is not None and v.primary_detector not in keys:
+        if v.enabled and v.primary_detector is not None and v.primary_detector not in keys:
             raise ValueError(f"verdicts.primary_detector: {v.primary_detector!r} is not a configured detector column ({keys})")
-        if v.primary_risk is not None and not self.errors.enabled:
+        if v.enabled and v.primary_risk is not None and not self.errors.enabled:
             raise ValueError("verdicts.primary_risk: the risks come from the errors stage; set errors.enabled")
         if len(set(keys)) != len(keys):
             raise ValueError(f"detectors: duplicate columns in {keys} (give settings distinct 'column' names)")

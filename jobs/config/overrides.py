@@ -29,11 +29,18 @@ PROFILES: dict[str, dict[str, object]] = {
         "data.limit_per_split": 60, "embed.num_shards": 4, "embed.shards_per_wave": 4,
         "errors.mutants.n_accepted": 8, "errors.mutants.max_tries": 400, "errors.detector_epochs": 5,
         "graph.epochs": 20, "graph.hidden": 32,
-        "explain.localization_images": 24, "explain.counts": {"wrong": 2, "uncertain": 2, "risky_ood": 2, "random": 2},
+        "explain.localization_images": 12, "explain.counts": {"wrong": 2, "uncertain": 2, "risky_ood": 2, "random": 2},
         "explain.methods": ["rap", "gradient"],  # one relevance rule and one gradient method: each adds a PNG grid
-        # the C2ST's permutations are VERDICTS' whole cost (~2 s per 100 per batch); a smoke run's
+        # the C2ST's permutations are most of VERDICTS' cost (~2 s per 100 per batch); a smoke run's
         # drift level is 0.05, so 100 permutations can still resolve it
         "verdicts.alpha": 0.05, "verdicts.drift_permutations": 100,
+        # one detector per way of fitting and per EMBED column, not all 41: each detector adds a fit,
+        # a score column, a threshold with its bootstrap, a ROC/histogram PNG and an MLflow child run
+        "detectors": ["msp", "energy", "odin", "mahalanobis", "react", {"name": "knn", "params": {"k": 50}},
+                      {"name": "line", "params": {"p_w": 90, "p_a": 90, "delta": 1.0}}, "tempscale",
+                      {"name": "vim", "params": {"dim": 32}}, "openmax", "gram", "multi_mahalanobis",
+                      {"name": "nac", "params": {"alpha": [7, 0.01, 0.002], "m_bins": [50, 500, 50], "o_star": [50, 100, 5]}}, "rankfeat",
+                      "adascale_a"],
     },
 }
 

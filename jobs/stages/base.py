@@ -16,6 +16,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from jobs import store
 from jobs.config import DetectorConfig, JobConfig
 from jobs.shards import row_identities
 from jobs.storage import StageDir, content_key
@@ -39,8 +40,8 @@ class Context:
 
     @property
     def root(self) -> Path:
-        """``{output}/{experiment}``: where every stage directory lives."""
-        return Path(self.cfg.output) / self.cfg.experiment
+        """``{output}/{experiment}`` (its local path, :mod:`jobs.store`): where every stage directory lives."""
+        return store.root_path(self.cfg.output) / self.cfg.experiment
 
     def build_detectors(self) -> dict[str, Detector]:
         """The configured detectors, keyed by score column (``score_<key>``)."""

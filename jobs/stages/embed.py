@@ -137,7 +137,7 @@ class EmbedStage(Stage):
 
     @staticmethod
     def _counts(targets: dict) -> dict:
-        per_shard = [json.loads((t.path / "counts.json").read_text()) for t in targets.values()]
+        per_shard = [json.loads((storage.fetch(t.path) / "counts.json").read_text()) for t in targets.values()]
         return {k: sum(c[k] for c in per_shard) for k in COUNTS}
 
     def intact(self, ctx: Context, up: dict, path: Path) -> bool:

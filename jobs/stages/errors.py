@@ -199,7 +199,7 @@ def failure_detection(cfg: JobConfig, feature_dirs: list[Path], df: pd.DataFrame
         nc = risk_frame(nc_df, nc_vec, res, tau, "new-class", wrong=np.ones(len(nc_df), bool))
         nc["label"] = nc_df.label.to_numpy()
         frame = pd.concat([frame, nc[frame.columns]], ignore_index=True)
-    logits = read_logits(feature_dirs, frame.image_id.to_numpy())
+    logits = read_logits(feature_dirs, frame.image_id.to_numpy(), sorted(set(frame.dataset)))
     val = (frame.part == "val").to_numpy()
     correct = ~frame.wrong.to_numpy(bool)
     baselines = LogitConfidences.fit(logits[val], frame.label.to_numpy()[val])
@@ -247,9 +247,11 @@ def failure_detection(cfg: JobConfig, feature_dirs: list[Path], df: pd.DataFrame
     return table
 
 
-def read_logits(feature_dirs: list[Path], image_ids: np.ndarray) -> np.ndarray:
-    """The stored logits (N×C float32) of ``image_ids``, in that order."""
-    table = storage.read_table(feature_dirs, ["image_id", "logits"], filter=pc.field("image_id").isin(pa.array(image_ids, pa.string())))
+def read_logits(feature_dirs: list[Path], image_ids: np.ndarray, datasets: list[str]) -> np.ndarray:
+    """The stored logits (N×C float32) of ``image_ids`` (rows of ``datasets``: only their files are
+    read), in that order."""
+    wanted = pc.field("dataset").isin(datasets) & pc.field("image_id").isin(pa.array(image_ids, pa.string()))
+    table = storage.read_table(feature_dirs, ["image_id", "logits"], filter=wanted)
     pos = pd.Index(table.column("image_id").to_numpy(zero_copy_only=False)).get_indexer(image_ids)
     if (pos < 0).any():
         raise ValueError(f"{int((pos < 0).sum())} rows have no logits in the features table")
@@ -259,10 +261,10 @@ def read_logits(feature_dirs: list[Path], image_ids: np.ndarray) -> np.ndarray:
 def read_error_rows(feature_dirs: list[Path], datasets: list[str]) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
     """The error-relevant columns of the features table for ``datasets``: (rows, {vector column: N×K})."""
     cols = ["image_id", "dataset", "split", "label", "pred", "conductance", "lcr", "lcr_mutants_used"]
-    first = next(p for d in feature_dirs for p in Path(d).rglob("*.parquet"))
-    if "lcr_flips" in pq.read_schema(first).names:
+    if "lcr_flips" in storage.committed_dataset(feature_dirs).schema.names:
         cols.append("lcr_flips")
-    # rows without the error columns (ID train beyond errors.fit_fraction, jobs.rows) are not read
+    # only the files of ``datasets``; rows without the error columns (ID train beyond
+    # errors.fit_fraction, jobs.rows) are not read
     table = storage.read_table(feature_dirs, cols, filter=pc.field("dataset").isin(datasets) & pc.field("lcr").is_valid())
     table = table.sort_by("image_id")  # one order whatever the shard layout: the detectors' training depends on it
     vectors = {c: storage.vector_to_numpy(table.column(c)) for c in ("conductance", "lcr_flips") if c in table.column_names}

@@ -94,7 +94,7 @@ def needs(detectors: dict[str, Detector]) -> set[str]:
 
 def read_files(paths: list[str], columns: list[str]) -> pa.Table:
     """The rows of features files, in the order given."""
-    return pa.concat_tables([pq.read_table(p, columns=columns) for p in paths])
+    return pa.concat_tables([pq.read_table(storage.fetch(Path(p)), columns=columns) for p in paths])
 
 
 def file_partial(paths: list[str], num_classes: int, dim: int, second: bool, activations: bool, samples: tuple = (),
@@ -120,7 +120,7 @@ def file_partial(paths: list[str], num_classes: int, dim: int, second: bool, act
 def train_files(feature_dirs: list[Path], id_dataset: str) -> list[list[str]]:
     """The features files holding ID rows, in a fixed order: one list per shard (a Ray task's unit;
     EMBED may write many small files per shard), by name within it."""
-    groups = [[str(p) for p in sorted((Path(d) / f"dataset={id_dataset}").glob("*.parquet"))] for d in feature_dirs]
+    groups = [[str(p) for p in sorted((storage.fetch(Path(d)) / f"dataset={id_dataset}").glob("*.parquet"))] for d in feature_dirs]
     return [g for g in groups if g]
 
 

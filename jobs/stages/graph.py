@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from jobs import storage
@@ -62,13 +61,23 @@ class GraphStage(Stage):
         return GraphResult(path, pq.read_table(path / "metrics.parquet").to_pandas())
 
 
-def read_graph_rows(feature_dirs: list[Path], datasets: list[str]) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
-    """(rows, {"features": N×D, "gfeatures": N×D}) of ``datasets``."""
-    table = storage.read_table(feature_dirs, COLUMNS, filter=pc.field("dataset").isin(datasets))
+def read_graph_rows(feature_dirs: list[Path], parts: dict[str, tuple[str, ...] | None]) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
+    """(rows, {"features": N×D, "gfeatures": N×D}) of ``parts`` ({dataset: its splits, None = all})."""
+    table = storage.read_table(feature_dirs, COLUMNS, filter=storage.rows_filter(parts))
     table = table.sort_by("image_id")  # one order whatever the shard layout: the graph and its training depend on it
     df = table.drop_columns(["features", "gfeatures"]).to_pandas()
     df["dataset"] = df["dataset"].astype(str)
     return df, {c: storage.vector_to_numpy(table.column(c)) for c in ("features", "gfeatures")}
+
+
+def graph_parts(cfg: JobConfig) -> dict[str, tuple[str, ...] | None]:
+    """The rows GRAPH uses: its train split, the OE set, ID val and test, the OOD sets (every split)."""
+    g, id_dataset = cfg.graph, cfg.data.id_dataset
+    parts: dict[str, set[str] | None] = {d: None for d in [g.oe_dataset, *(g.ood_datasets or cfg.data.ood_datasets)]}
+    for d, split in ((g.train_dataset, "train"), (id_dataset, "val"), (id_dataset, "test")):
+        if d not in parts or parts[d] is not None:
+            parts[d] = (parts.get(d) or set()) | {split}
+    return {d: None if s is None else tuple(sorted(s)) for d, s in parts.items()}
 
 
 def run_graph(cfg: JobConfig, feature_dirs: list[Path], num_classes: int, tmp: Path) -> None:
@@ -76,7 +85,7 @@ def run_graph(cfg: JobConfig, feature_dirs: list[Path], num_classes: int, tmp: P
     table and each fitted estimator to ``tmp``."""
     g = cfg.graph
     ood_sets = g.ood_datasets or cfg.data.ood_datasets
-    df, X_by = read_graph_rows(feature_dirs, [g.train_dataset, g.oe_dataset, cfg.data.id_dataset, *ood_sets])
+    df, X_by = read_graph_rows(feature_dirs, graph_parts(cfg))
     is_train = ((df.dataset == g.train_dataset) & (df.split == "train")).to_numpy()
     is_oe = (df.dataset == g.oe_dataset).to_numpy()
     is_val = ((df.dataset == cfg.data.id_dataset) & (df.split == "val")).to_numpy()

@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from jobs import shards, storage
+from jobs import shards, storage, store
 from jobs.config import JobConfig
 from jobs.runtime import init_ray
 from jobs.shards import commit_shard
@@ -85,6 +85,8 @@ class ScoreWorker:
         scored = pa.concat_tables(parts) if parts else None
         if scored is not None:
             pq.write_to_dataset(scored, out_dir, partition_cols=["dataset"], basename_template="part-{i}.parquet")
+            written = Path(out_dir)
+            store.upload(written, [p.relative_to(written).as_posix() for p in written.rglob("*.parquet")])  # to the driver
         return table.num_rows
 
 
@@ -103,6 +105,7 @@ def run_score(ctx: Context, features: dict[str, Path], targets: dict[str, StageD
         submit = lambda k: workers[keys.index(k) % n].score_shard.remote(str(features[k]), str(out[k]))  # noqa: E731
         for key, rows in zip(keys, ordered_map(submit, keys, 2 * n, ctx.cfg.runtime.stall_timeout_s, "SCORE (one shard per unit)")):
             expected = storage.committed_rows(features[key])
+            store.pull(out[key])
             if rows != expected or parquet_rows(out[key]) != expected:
                 raise RuntimeError(f"SCORE shard {key}: {parquet_rows(out[key])} rows scored for {expected} feature rows")
             commit_shard(targets[key], {"scores": out[key]}, {"rows": rows})

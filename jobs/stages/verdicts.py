@@ -25,7 +25,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from jobs import storage
@@ -220,9 +219,9 @@ def batch_table(ctx: Context, verdicts: pd.DataFrame, scores: pd.DataFrame, feat
     table = flag_rate_table(groups, "flagged", ("dataset", "batch"))
     ood_table = flag_rate_table(groups, "is_ood", ("dataset", "batch"))
     table["ood_rate"], table["ood_lo"], table["ood_hi"] = ood_table.rate, ood_table.lo, ood_table.hi
-    features = read_features(feature_dirs, [id_dataset, *cfg.data.incoming_datasets])
+    ids, features = read_features(feature_dirs, {id_dataset: ("val",), **{d: None for d in cfg.data.incoming_datasets}})
     val_ids = scores[(scores.dataset == id_dataset) & (scores.split == "val")].image_id
-    reference = features.loc[features.index.intersection(val_ids)]
+    reference = features[ids.isin(val_ids)]
     ref_scores = verdicts.set_index("image_id").loc[val_ids, "score"].to_numpy()
     c2st, ks = [], []
     for dataset, batch in zip(table.dataset, table.batch):
@@ -232,7 +231,7 @@ def batch_table(ctx: Context, verdicts: pd.DataFrame, scores: pd.DataFrame, feat
             continue
         rows = groups[(groups.dataset == dataset) & (groups.batch == batch)]
         ctx.progress(f"drift of {dataset} {batch} ({len(rows)} images) against ID val")
-        c2st.append(classifier_drift_test(np.stack(reference.to_numpy()), np.stack(features.loc[rows.image_id].to_numpy()),
+        c2st.append(classifier_drift_test(reference, features[ids.get_indexer(rows.image_id)],
                                           v.drift_max_rows, v.drift_permutations, seed=v.seed).p_value)
         ks.append(ks_drift_test(ref_scores, rows.score.to_numpy()).p_value)
     table["c2st_p"], table["ks_p"] = c2st, ks
@@ -241,10 +240,15 @@ def batch_table(ctx: Context, verdicts: pd.DataFrame, scores: pd.DataFrame, feat
     return table
 
 
-def read_features(feature_dirs: list[Path], datasets: list[str]) -> pd.Series:
-    """Penultimate features by image id (a Series of (D,) arrays)."""
-    t = storage.read_table(feature_dirs, ["image_id", "features"], filter=pc.field("dataset").isin(datasets))
-    return pd.Series(list(storage.vector_to_numpy(t.column("features"))), index=t.column("image_id").to_pylist())
+def read_features(feature_dirs: list[Path], parts: dict[str, tuple[str, ...] | None]) -> tuple[pd.Index, np.ndarray]:
+    """(image ids, N×D penultimate features) of the rows of ``parts`` ({dataset: its splits, None =
+    all}), read batch by batch: only those files, those rows and those two columns."""
+    dataset, ids, vectors = storage.committed_dataset(feature_dirs), [], []
+    for batch in dataset.to_batches(columns=["image_id", "features"], filter=storage.rows_filter(parts)):
+        ids += batch.column("image_id").to_pylist()
+        vectors.append(storage.vector_to_numpy(batch.column("features")))
+    width = dataset.schema.field("features").type.list_size
+    return pd.Index(ids), np.concatenate(vectors) if vectors else np.zeros((0, width), np.float32)
 
 
 def verdicts_arrow(verdicts: pd.DataFrame) -> pa.Table:

@@ -10,6 +10,15 @@ from oodlib.detectors._util import class_sums, predictions
 from oodlib.detectors.base import Detector, Head, ScoreInputs
 
 
+def class_list(mask: np.ndarray, shown: int = 10) -> str:
+    """``classes [0, 4]`` — or, past ``shown`` of them, ``997 of 1000 classes (0, 1, …, 999)``."""
+    ids = np.flatnonzero(mask).tolist()
+    if len(ids) <= shown:
+        return f"classes {ids}"
+    head = ", ".join(map(str, ids[: shown - 1]))
+    return f"{len(ids)} of {len(mask)} classes ({head}, …, {ids[-1]})"
+
+
 def fallback_means(correct: tuple[np.ndarray, np.ndarray], every: tuple[np.ndarray, np.ndarray], what: str) -> np.ndarray:
     """Per-class means (C×D float64) from the (sums, counts) of the correctly classified rows;
     a class with training rows but none predicted correctly falls back to the mean of all its
@@ -17,10 +26,10 @@ def fallback_means(correct: tuple[np.ndarray, np.ndarray], every: tuple[np.ndarr
     rows raises."""
     (sums, counts), (all_sums, all_counts) = correct, every
     if (all_counts == 0).any():
-        raise ValueError(f"{what}: classes {np.flatnonzero(all_counts == 0).tolist()} have no training rows")
+        raise ValueError(f"{what}: {class_list(all_counts == 0)} have no training rows")
     missing = counts == 0
     if missing.any():
-        warnings.warn(f"{what}: classes {np.flatnonzero(missing).tolist()} have no correctly classified training row; "
+        warnings.warn(f"{what}: {class_list(missing)} have no correctly classified training row; "
                       "using the mean of all their rows", RuntimeWarning, stacklevel=3)
         sums, counts = np.where(missing[:, None], all_sums, sums), np.where(missing, all_counts, counts)
     return sums / counts[:, None]

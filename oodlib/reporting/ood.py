@@ -22,11 +22,14 @@ def plot_roc_and_histograms(scores: pd.DataFrame, id_dataset: str, ood_datasets:
     paths = []
     for column in score_columns(scores):
         method = column.removeprefix("score_")
-        fig, (ax_roc, ax_hist) = plt.subplots(1, 2, figsize=(11, 4.2))
+        # a fixed layout: tight_layout would draw the figure once more just to measure it
+        fig, (ax_roc, ax_hist) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"left": 0.06, "right": 0.985, "bottom": 0.12,
+                                                                                     "top": 0.92, "wspace": 0.2})
         s_id = id_rows[column].to_numpy()
         every = scores[column].to_numpy(np.float64)
         bins = np.histogram_bin_edges(every[np.isfinite(every)], bins=50)  # null where a detector's EMBED column was not computed
-        ax_hist.hist(s_id, bins=bins, alpha=0.55, density=True, label=f"{id_dataset} (ID)")
+        # step-filled: one polygon per set instead of a patch per bar (the drawing cost of a figure)
+        ax_hist.hist(s_id, bins=bins, alpha=0.55, density=True, histtype="stepfilled", label=f"{id_dataset} (ID)")
         for ood in ood_datasets:
             s_ood = scores.loc[scores.dataset == ood, column].to_numpy()
             fpr, tpr, _ = roc_curve(np.r_[np.ones(len(s_id)), np.zeros(len(s_ood))], np.r_[s_id, s_ood])
@@ -37,7 +40,6 @@ def plot_roc_and_histograms(scores: pd.DataFrame, id_dataset: str, ood_datasets:
         ax_hist.set(xlabel=f"{method} score (higher = more ID)", ylabel="density", title="score histograms")
         ax_roc.legend(fontsize=8)
         ax_hist.legend(fontsize=8)
-        fig.tight_layout()
         path = out_dir / f"{method}.png"
         fig.savefig(path, dpi=90)
         plt.close(fig)

@@ -7,6 +7,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -47,3 +48,33 @@ def wait_until_answering(url: str, proc: subprocess.Popen, seconds: float, what:
             time.sleep(1)
     stop_group(proc)
     pytest.fail(f"{what} did not answer within {seconds:.0f} s")
+
+
+@pytest.fixture(scope="module")
+def s3_bucket(tmp_path_factory):
+    """An S3 endpoint (moto's server on a free loopback port, in its own process group) with a
+    bucket; the standard AWS_* variables point pyarrow and delta-rs at it, and the object-store
+    mirror is a fresh directory. Yields the bucket's name. Module-scoped: request it before a Ray
+    fixture, whose workers inherit these variables when Ray starts.
+
+    A separate process, not moto's in-process ``ThreadedMotoServer``: a delta-rs call that keeps
+    the GIL while it waits for the endpoint would deadlock a server thread of the same process."""
+    import sys
+
+    port, log = free_port(), open(tmp_path_factory.mktemp("moto") / "server.log", "wb")  # one line a request: never a pipe
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    endpoint = f"http://127.0.0.1:{port}"
+    wait_until_answering(f"{endpoint}/moto-api/", proc, 60, "moto S3 server")
+    env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_REGION": "us-east-1", "AWS_ALLOW_HTTP": "true", "OODLIB_CACHE_DIR": str(tmp_path_factory.mktemp("mirror"))}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    import boto3
+
+    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="oodlib-test")
+    yield "oodlib-test"
+    stop_group(proc)
+    log.close()
+    for k, v in saved.items():
+        os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)

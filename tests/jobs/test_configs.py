@@ -156,3 +156,15 @@ def test_model_preprocessing_fields_validated_and_applied(tmp_path):
         parse_config({"experiment": "x", "model": {"name": "resnet18", "std": [0.2]}})
     with pytest.raises(ConfigError, match="model.*smaller than"):
         parse_config({"experiment": "x", "model": {"name": "resnet18", "resize": 100}})
+
+
+def test_verdicts_choices_checked_only_when_verdicts_run():
+    from jobs.config import ConfigError
+
+    base = {"experiment": "v", "detectors": ["msp", "energy"]}
+    for verdicts, message in [({"primary_detector": "knn"}, r"verdicts.primary_detector: 'knn' is not a configured detector column"),
+                              ({"primary_risk": "lcr"}, "verdicts.primary_risk: the risks come from the errors stage")]:
+        with pytest.raises(ConfigError, match=message):
+            parse_config({**base, "verdicts": {"enabled": True, **verdicts}})
+        # a switched-off section's leftovers (e.g. the shipped config with verdicts off and fewer detectors) are not an error
+        assert parse_config({**base, "verdicts": {"enabled": False, **verdicts}}).verdicts.enabled is False

@@ -25,7 +25,7 @@ from oodlib.detectors.nci import NCI
 from oodlib.detectors.nnguide import NNGuide
 from oodlib.detectors.pnml import PNML
 from oodlib.detectors.rmds import RMDS
-from oodlib.detectors.she import SHE
+from oodlib.detectors.she import SHE, class_list
 from oodlib.detectors.vim import Residual, ViM, vim_dim
 from oodlib.sampling import unit_hash
 from tests.oodlib.detectors.peer_data import inputs, linear, problem, separable, t
@@ -217,9 +217,16 @@ def test_she_hand_and_fallback(toy):
     det = SHE().fit(h, np.array([0, 0, 1, 1]), head)
     np.testing.assert_allclose(det.patterns_, [[2, 0], [-1, 0]])
     assert det.score(inputs(np.array([[1, 5]], np.float32), head))[0] == pytest.approx(2.0)
-    with pytest.warns(RuntimeWarning, match="no correctly classified"):
+    with pytest.warns(RuntimeWarning, match=r"classes \[1\] have no correctly classified"):
         fb = SHE().fit(h, np.array([0, 0, 0, 1]), head)  # class 1 only has the wrong row (5, 0)
     np.testing.assert_allclose(fb.patterns_[1], [5, 0])
+
+
+def test_class_lists_in_messages_stay_short():
+    assert class_list(np.array([False, True, True])) == "classes [1, 2]"
+    many = np.ones(1000, bool)
+    many[[3, 500]] = False  # 998 of 1000, as on an untrained ImageNet head
+    assert class_list(many) == "998 of 1000 classes (0, 1, 2, 4, 5, 6, 7, 8, 9, …, 999)"
 
 
 def test_gmm_matches_pytorch_ood_and_hand(toy):
