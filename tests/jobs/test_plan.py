@@ -155,21 +155,27 @@ def test_graph_ablation_kinds_match_the_detector():
     assert ABLATION_KINDS == {name: kind for name, (_, kind) in ABLATIONS.items()}
 
 
-@pytest.mark.slow
-def test_time_estimate_within_2x_of_a_small_digits_run(tmp_path):
+def plan_and_run(cfg):
+    """(the plan, the run's summary) of ``cfg``, planned before Ray starts (the plan counts Ray's
+    start, as the run will)."""
     import ray
 
+    assert not ray.is_initialized()
+    estimate = plan.make_plan(cfg, pipeline.load_job_model(cfg))
+    try:
+        return estimate, pipeline.run(cfg)
+    finally:
+        ray.shutdown()
+
+
+@pytest.mark.slow
+def test_time_estimate_within_2x_of_a_small_digits_run(tmp_path):
     cfg = parse_config({
         "experiment": "t", "output": str(tmp_path / "out"), "data": {"source": "digits", "limit_per_split": 40},
         "embed": {"batch_size": 32, "num_actors": 1, "num_shards": 4},
         "detectors": ["msp", "odin", {"name": "knn", "params": {"k": 5}}, "mahalanobis"], "mlflow": {"enabled": False},
     })
-    assert not ray.is_initialized()  # the plan counts Ray's start, as the run will
-    estimate = plan.make_plan(cfg, pipeline.load_job_model(cfg))
-    try:
-        summary = pipeline.run(cfg)
-    finally:
-        ray.shutdown()
+    estimate, summary = plan_and_run(cfg)
     stages = [s.name for s in estimate.stages]
     assert stages == ["manifest", "embed", "fit", "score", "evaluate"]
     assert sum(estimate.counts.values()) == summary["images"]["input"] == 240
@@ -187,19 +193,12 @@ EVERY_STAGE = {"graph.epochs": 10, "explain.localization_images": 12,
 @pytest.mark.slow
 def test_time_estimate_within_2x_of_a_run_with_every_stage(tmp_path):
     """The plan's total against the stage seconds of a run of every stage (the smoke profile, smaller)."""
-    import ray
-
     from jobs.config import load_config
     from jobs.config.overrides import parse_overrides, profile_sets
 
     overrides = {**parse_overrides(profile_sets("smoke")), **EVERY_STAGE, "output": str(tmp_path / "out")}
     cfg = load_config(DIGITS, overrides)
-    assert not ray.is_initialized()
-    estimate = plan.make_plan(cfg, pipeline.load_job_model(cfg))
-    try:
-        summary = pipeline.run(cfg)
-    finally:
-        ray.shutdown()
+    estimate, summary = plan_and_run(cfg)
     stages = [s.name for s in estimate.stages]
     assert stages == list(summary["seconds"])  # every stage of the run is estimated, in its order
     assert sum(estimate.counts.values()) == summary["images"]["input"]
