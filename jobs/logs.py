@@ -58,6 +58,8 @@ def quiet_ray_data() -> None:
 
 
 _filter = None
+#: written behind the last stderr bytes at exit: the filter forwards what came before it and stops
+DRAINED = b"\0oodlib: stderr drained\0"
 
 
 def filter_stderr(patterns: tuple[bytes, ...]) -> None:
@@ -76,10 +78,15 @@ def filter_stderr(patterns: tuple[bytes, ...]) -> None:
         pending = b""
         while chunk := os.read(read_end, 65536):
             pending += chunk
+            done = DRAINED in pending
+            if done:
+                pending = pending[: pending.index(DRAINED)]
             *lines, pending = pending.split(b"\n")
             out = b"".join(line + b"\n" for line in lines if not any(p in line for p in patterns))
             if out:
                 os.write(original, out)
+            if done:
+                break
         if pending:
             os.write(original, pending)
 
@@ -87,7 +94,10 @@ def filter_stderr(patterns: tuple[bytes, ...]) -> None:
     thread.start()
 
     def drain() -> None:
-        os.dup2(original, 2)  # closes the pipe's last write end: the pump sees EOF
+        # child processes (a local Ray's raylet, GCS, workers) inherited the pipe and keep it open,
+        # so the pump would never see EOF: a marker behind everything written so far ends it
+        os.write(2, DRAINED)
+        os.dup2(original, 2)
         thread.join(timeout=5)
 
     atexit.register(drain)

@@ -38,3 +38,33 @@ prompt_exit(0)
     r = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=400)
     assert r.returncode == 0 and r.stdout == "[0, 1, 2, 3]\n", r.stderr
     assert time.monotonic() - started < 60
+
+
+def test_filtered_stderr_drains_without_waiting_for_child_processes():
+    # a local Ray's raylet, GCS and workers inherit the filter's pipe and keep it open: the drain at
+    # exit must not wait for them to close it (it waited out a 5 s timeout at the end of every run)
+    child = """
+import subprocess, sys
+from jobs.logs import filter_stderr
+filter_stderr((b"drop me",))
+holder = subprocess.Popen(["sleep", "60"])  # inherits fd 2, the pipe's write end
+sys.stderr.write("last words\\n")
+print("ready", flush=True)
+from jobs.runtime import prompt_exit
+prompt_exit(0)
+"""
+    proc = subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline() == "ready\n"
+        ready = time.monotonic()
+        proc.wait(timeout=60)
+        assert time.monotonic() - ready < 3  # not the drain's 5 s timeout
+        assert proc.returncode == 0
+    finally:
+        subprocess.run(["pkill", "-f", "sleep 60"], check=False)
+    # stderr stays open while the sleeper holds it: read what reached it so far
+    import fcntl
+    import os
+
+    fcntl.fcntl(proc.stderr, fcntl.F_SETFL, fcntl.fcntl(proc.stderr, fcntl.F_GETFL) | os.O_NONBLOCK)
+    assert (proc.stderr.read() or "") == "last words\n"
