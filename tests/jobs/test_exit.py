@@ -1,5 +1,8 @@
 """How the command-line entry points end (jobs.runtime.prompt_exit): exit hooks run, the code is
 kept, and nothing written to stdout or the filtered stderr is lost."""
+import fcntl
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -49,22 +52,20 @@ from jobs.logs import filter_stderr
 filter_stderr((b"drop me",))
 holder = subprocess.Popen(["sleep", "60"])  # inherits fd 2, the pipe's write end
 sys.stderr.write("last words\\n")
-print("ready", flush=True)
+print("ready", holder.pid, flush=True)
 from jobs.runtime import prompt_exit
 prompt_exit(0)
 """
     proc = subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    word, holder = proc.stdout.readline().split()
     try:
-        assert proc.stdout.readline() == "ready\n"
+        assert word == "ready"
         ready = time.monotonic()
         proc.wait(timeout=60)
         assert time.monotonic() - ready < 3  # not the drain's 5 s timeout
         assert proc.returncode == 0
     finally:
-        subprocess.run(["pkill", "-f", "sleep 60"], check=False)
+        os.kill(int(holder), signal.SIGTERM)  # the sleeper only, not any other ``sleep 60``
     # stderr stays open while the sleeper holds it: read what reached it so far
-    import fcntl
-    import os
-
     fcntl.fcntl(proc.stderr, fcntl.F_SETFL, fcntl.fcntl(proc.stderr, fcntl.F_GETFL) | os.O_NONBLOCK)
     assert (proc.stderr.read() or "") == "last words\n"
