@@ -182,37 +182,35 @@ def estimate(cfg: JobConfig, counts: dict[tuple[str, str], int], cal: Calibratio
     files = max(1, e.num_shards)
     id_rows = sum(n_split.values())
     driver, notes = 8.0 * C * D + (8.0 * D * D if "second" in needs else 0), []
-    loaded: dict[tuple, float] = {}
-    last: dict[tuple, str] = {}
+    groups: dict[tuple, float] = {}  # the rows each FIT task fitting detectors on rows holds (jobs.stages.fit.row_groups)
     for key, (det, d) in dets.items():
         rows = _bank_rows(det, d, n_split.get(det.fit_split, 0))
-        if not rows:
-            continue
-        cols = sum(widths.get(x, 0) for x in extras if set(EXTRAS[x].provides) & set(det.fit_columns))
-        if hasattr(det, "bank_sample"):
-            driver += 2 * rows * D * 4
-            notes.append(f"{key} bank {rows:,.0f} rows drawn in the workers ({rows * D * 4 / GiB:.2f} GiB)")
-        else:
-            split = (det.fit_split, det.fit_columns, d.fit_fraction)
-            # a split (or its fraction) arrives from per-shard tasks in the object store and is copied once
-            loaded[split], last[split] = rows * 4 * (D + 1 + cols), key
-            notes.append(f"{key} loads {rows:,.0f} {det.fit_split} rows ({loaded[split] / GiB:.2f} GiB)")
-        if "second" in det.fit_needs or det.name in ("pnml", "vim", "residual"):
-            driver += 8.0 * D * D
+        on_driver = True
+        if rows:
+            cols = sum(widths.get(x, 0) for x in extras if set(EXTRAS[x].provides) & set(det.fit_columns))
+            if hasattr(det, "bank_sample"):
+                driver += 2 * rows * D * 4
+                notes.append(f"{key} bank {rows:,.0f} rows drawn in the workers ({rows * D * 4 / GiB:.2f} GiB)")
+            else:
+                group = (det.fit_split, det.fit_columns, d.fit_fraction)
+                groups[group], on_driver = rows * 4 * (D + 1 + cols), False
+                notes.append(f"{key} fits on {rows:,.0f} {det.fit_split} rows in a task ({groups[group] / GiB:.2f} GiB)")
+        if "second" in det.fit_needs or det.name in ("pnml", "vim", "residual"):  # a D×D float64 where it fits
+            if on_driver:
+                driver += 8.0 * D * D
+            else:
+                groups[group] += 8.0 * D * D
         if det.name == "gmm":
             driver += 8.0 * C * D * D
             notes.append(f"{key}: {C} covariances of {D}² float64 ({8.0 * C * D * D / GiB:.1f} GiB)")
-    split_of = {k: (det.fit_split, det.fit_columns, d.fit_fraction) for k, (det, d) in dets.items()
-                if not hasattr(det, "bank_sample") and _bank_rows(det, d, n_split.get(det.fit_split, 0))}
-    # the splits alive at once, plus a detector's working copy of the largest one (ViM centres it …)
-    driver += _live_peak(list(split_of), split_of, loaded, last) + max(loaded.values(), default=0.0)
     fit_read = id_rows * 4 * (D + 2) + n_train * 30
-    # the driver's own work: a D×D decomposition per detector with a covariance, a pass over its loaded rows
+    # the fits' work: a D×D decomposition per detector with a covariance, a pass over the rows a detector fits on
     dense = sum("second" in det.fit_needs or det.name in ("vim", "residual", "pnml", "multi_mahalanobis") for det, _ in dets.values())
     on_rows = sum(_bank_rows(det, d, n_split.get(det.fit_split, 0)) for det, d in dets.values() if not hasattr(det, "bank_sample"))
     stages.append(StageCost(
         "fit", n_train, f"reads {fit_read / GiB:.2f} GiB in {files} tasks", driver=driver,
-        worker=ACTOR_BASE + 3 * fit_read / files, notes=notes,
+        # a row task: its rows as the per-shard tasks' views, its copy of them, a detector's working copy (ViM centres …)
+        worker=ACTOR_BASE + max(3 * fit_read / files, 3 * max(groups.values(), default=0.0)), notes=notes,
         seconds=FIXED["fit"] + fit_read / READ_BPS / cal.cpus + n_train * (D * D if "second" in needs else D) * 2 / cal.flops / cal.cpus
         + (30.0 * dense * D**3 + 2.0 * on_rows * D * D) / cal.flops))
 
@@ -220,16 +218,17 @@ def estimate(cfg: JobConfig, counts: dict[tuple[str, str], int], cal: Calibratio
     state = sum(_bank_rows(det, d, n_split.get(det.fit_split, 0)) * D * 4 for det, d in dets.values() if hasattr(det, "bank_sample"))
     state += sum(4.0 * C * D for _ in dets) + (8.0 * D * D * sum("second" in det.fit_needs for det, _ in dets.values()))
     flops_row = sum(_score_flops(det, d, n_train, D, C) for det, d in dets.values())
+    n_scored = counts_of(counts, cfg, scored=True)  # the feature files are read whole, only these rows scored
     stages.append(StageCost(
-        "score", n, f"{len(dets)} detectors", written=n * (4 * len(dets) + META_ROW_B), driver=state,
+        "score", n_scored, f"{len(dets)} detectors", written=n_scored * (4 * len(dets) + META_ROW_B), driver=state,
         worker=ACTOR_BASE + state + 3 * n / files * row_b,
-        seconds=FIXED["score"] + n * row_b / READ_BPS / cal.cpus + n * flops_row / cal.flops / cal.cpus))
-    scores_b = n * (4 * len(dets) + META_ROW_B) * 2
+        seconds=FIXED["score"] + n * row_b / READ_BPS / cal.cpus + n_scored * flops_row / cal.flops / cal.cpus))
+    scores_b = n_scored * (4 * len(dets) + META_ROW_B) * 2
     # EVALUATE, ERRORS, VERDICTS, GRAPH, EXPLAIN (jobs.plan_stages), with what their driver holds
     driver = {"evaluate": scores_b, "verdicts": 2 * scores_b,
               "errors": 3 * errors_rows(cfg).expected(counts) * 4 * (widths.get("conductance", 0) + widths.get("lcr", 0) + C),
               "graph": 3 * graph_rows(cfg).expected(counts) * 4 * 2 * D}
-    for stage in after_score(cfg, sizes, cal, len(dets), counts_of(counts, cfg, scored=True)):
+    for stage in after_score(cfg, sizes, cal, len(dets), n_scored):
         stage.driver = driver.get(stage.name, 0.0)
         stages.append(stage)
     persistent = DRIVER_BASE + cal.model_bytes + n * (MANIFEST_ROW_B + cal.image_bytes)
@@ -246,20 +245,6 @@ def _score_flops(det, d, n_train: int, D: int, C: int) -> float:
     if "second" in det.fit_needs or det.name in ("vim", "residual", "pnml"):
         return 2.0 * (D * D + C * D)
     return 2.0 * C * D
-
-
-def _live_peak(order: list[str], split_of: dict[str, tuple], size: dict[tuple, float], last: dict[tuple, str]) -> float:
-    """The most bytes of loaded splits held at once when the detectors fit in ``order`` (FIT drops a
-    split after the last detector fitted on it)."""
-    live, peak = set(), 0.0
-    for key in order:
-        split = split_of[key]
-        if split in size:
-            live.add(split)
-            peak = max(peak, sum(size[s] for s in live))
-            if last[split] == key:
-                live.discard(split)
-    return peak
 
 
 def counts_of(counts: dict, cfg: JobConfig, scored: bool = False) -> float:

@@ -69,6 +69,16 @@ class RowNeeds:
             keep |= partial & (u < frac)
         return keep
 
+    def splits(self) -> dict[str, tuple[str, ...] | None]:
+        """{dataset: its splits, or None for every split} (:func:`jobs.storage.rows_filter`); only for
+        needs of whole splits (a fraction below 1 selects by image-id hash, which no filter expresses)."""
+        if any(f < 1.0 for f in self.parts.values()):
+            raise ValueError(f"row needs with a fraction below 1 have no split filter: {self.key()}")
+        out: dict[str, tuple[str, ...] | None] = {}
+        for d, s in sorted(self.parts, key=lambda p: (p[0], p[1] or "")):
+            out[d] = None if s is None or out.get(d, ()) is None else (*out.get(d, ()), s)
+        return out
+
     def expected(self, counts: dict[tuple[str, str], int]) -> float:
         """Expected needed rows given the rows per (dataset, split)."""
         return float(sum(n * min(1.0, self.fraction_of(d, s)) for (d, s), n in counts.items()))

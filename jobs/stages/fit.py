@@ -5,16 +5,16 @@ reduced in Ray tasks, one partial per shard (its features files), and merged on 
 (deterministic) — never through actor-local state, which a retry would double-count. The banks of
 KNN and NNGuide are drawn in the same tasks (their seeded sample by image id,
 :class:`oodlib.detectors.knn.SampledBank`): the driver holds only the sample, never the train split.
-Other detectors fitted on rows load their ``fit_split`` — with a ``fit_fraction`` below 1 only that
-seeded fraction, drawn in Ray tasks too (the same rows EMBED computed their columns on,
-:mod:`jobs.rows`). Writes ``head.npz`` (W, b), ``class_means.npy``,
+Other detectors fitted on rows are fitted in Ray tasks, one per set of rows (``fit_split``, its
+columns and ``fit_fraction``: a seeded fraction, the same rows EMBED computed their columns on,
+:mod:`jobs.rows`), which read those rows and return the fitted state — the driver never holds
+them — while the driver fits the rest from the statistics. Writes ``head.npz`` (W, b), ``class_means.npy``,
 ``contribution.npy`` (LINE's C, D×C) and one ``detectors/<column>.safetensors`` per detector
 (the estimator's own state file, no pickle). Keyed by the ID-train rows, the model and the
 detector settings — new test images do not refit.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,10 +65,12 @@ class FitStage(Stage):
             raise storage.DamagedError(f"FIT read {stats.moments.counts.sum()} ID-train feature rows; the manifest has "
                                        f"{expected} usable ones that EMBED did not quarantine")
 
-        def load_split(split: str, columns: tuple[str, ...], fraction: float = 1.0) -> tuple[np.ndarray, np.ndarray, dict]:
-            return sampled_split(ctx, dirs, split, columns, fraction)
-
-        fit_detectors(detectors, stats, ctx.head, load_split, banks, {d.key: d.fit_fraction for d in ctx.detectors})
+        # the detectors fitted on rows fit in Ray tasks (the rows never reach the driver), meanwhile the others here
+        groups = row_groups(detectors, {d.key: d.fit_fraction for d in ctx.detectors})
+        on_rows = {k for keys in groups.values() for k in keys}
+        refs = submit_row_fits(train_files(dirs, ctx.cfg.data.id_dataset), groups, detectors, ctx.head)
+        fit_from_stats({k: d for k, d in detectors.items() if k not in on_rows}, stats, ctx.head, banks)
+        collect_row_fits(refs, detectors, ctx.cfg.runtime.stall_timeout_s)
         save_fitted(tmp, ctx.head, stats, detectors)
 
     def load(self, ctx: Context, up: dict, path: Path) -> FitResult:
@@ -170,49 +172,68 @@ def file_rows(paths: list[str], split: str, columns: tuple[str, ...], fraction: 
     return vector_to_numpy(table.column("features")), table.column("label").to_numpy(), {c: column_numpy(table.column(c)) for c in columns}
 
 
-def sampled_split(ctx: Context, feature_dirs: list[Path], split: str, columns: tuple[str, ...], fraction: float):
-    """The seeded ``fraction`` (1 = all) of the ID ``split`` (features, labels, columns), drawn in one
-    Ray task per shard and concatenated in file order. The tasks' arrays reach the driver as views
-    of the object store (shared memory), so the driver's own memory holds one copy of the rows —
-    not an Arrow table and its NumPy conversion besides."""
+def split_rows(files: list[list[str]], split: str, columns: tuple[str, ...], fraction: float) -> tuple[np.ndarray, np.ndarray, dict]:
+    """The seeded ``fraction`` (1 = all) of the ID ``split`` of the features ``files`` (features,
+    labels, columns): one Ray task per shard, concatenated in file order."""
     import ray
 
     task = ray.remote(num_cpus=1)(file_rows)
-    files = train_files(feature_dirs, ctx.cfg.data.id_dataset)
-    parts = list(ordered_map(lambda f: task.remote(f, split, columns, fraction), files, 2 * cluster_cpus(),
-                             ctx.cfg.runtime.stall_timeout_s, f"FIT (a {fraction:g} fraction of the {split} split)"))
+    parts = ray.get([task.remote(f, split, columns, fraction) for f in files])
     h = np.concatenate([p[0] for p in parts])
     y = np.concatenate([p[1] for p in parts])
     return h, y, {c: np.concatenate([p[2][c] for p in parts]) for c in columns}
 
 
-def fit_detectors(
-    detectors: dict[str, Detector], stats: FitStats, head: Head,
-    load_split: Callable[..., tuple[np.ndarray, np.ndarray, dict]], banks: dict | None = None,
-    fractions: dict[str, float] | None = None,
-) -> None:
-    """Fit every detector: a :class:`SampledBank` on its drawn bank (``banks[det.bank_sample()]``),
-    one fitted on rows on those of its ``fit_split`` (its ``fractions[key]`` of them; each split
-    loaded at most once, and dropped after the last detector fitted on it), else from the merged
-    ID-train statistics."""
-    splits = {key: (det.fit_split, det.fit_columns, (fractions or {}).get(key, 1.0)) for key, det in detectors.items()
-              if not (isinstance(det, SampledBank) and banks is not None) and ("bank" in det.fit_needs or det.fit_split != "train")}
-    uses = {split: list(splits.values()).count(split) for split in splits.values()}
-    loaded: dict[tuple, tuple[np.ndarray, np.ndarray, dict]] = {}
+RowGroup = tuple[str, tuple[str, ...], float]  # (split, columns, fraction): the rows a detector is fitted on
+
+
+def row_groups(detectors: dict[str, Detector], fractions: dict[str, float]) -> dict[RowGroup, list[str]]:
+    """{(split, columns, fraction): the detector keys fitted on those rows} — every detector fitted
+    on rows (``bank`` in its fit needs, or a ``fit_split`` other than train) but the
+    :class:`SampledBank` ones (their banks are drawn with the partial sums)."""
+    groups: dict[RowGroup, list[str]] = {}
     for key, det in detectors.items():
-        if key in splits:
-            split = splits[key]
-            if split not in loaded:
-                loaded[split] = load_split(*split)
-            h, y, extras = loaded[split]
-            if det.fit_columns:
-                det.fit(h, y, head, extras=extras)
-            else:
-                det.fit(h, y, head)
-            uses[split] -= 1
-            if not uses[split]:  # freed after its last detector: the driver holds the splits in use only
-                del loaded[split], h, y, extras
-        elif isinstance(det, SampledBank) and banks is not None:
+        if not isinstance(det, SampledBank) and ("bank" in det.fit_needs or det.fit_split != "train"):
+            groups.setdefault((det.fit_split, det.fit_columns, fractions.get(key, 1.0)), []).append(key)
+    return groups
+
+
+def fit_on_rows(files: list[list[str]], group: RowGroup, specs: dict[str, tuple[str, dict]], head: Head) -> dict[str, dict]:
+    """A Ray task: load the rows of ``group`` and fit the detectors ``specs`` ({column: (registry
+    name, hyperparameters)}) on them; returns {column: fitted state_dict}. The rows live in this
+    worker only — the driver never holds a split."""
+    from oodlib.detectors import DETECTORS
+
+    h, y, extras = split_rows(files, *group)
+    states = {}
+    for key, (name, params) in specs.items():
+        det = DETECTORS[name](**params)
+        det.fit(h, y, head, extras=extras) if det.fit_columns else det.fit(h, y, head)
+        states[key] = det.state_dict()
+    return states
+
+
+def submit_row_fits(files: list[list[str]], groups: dict[RowGroup, list[str]], detectors: dict[str, Detector], head: Head) -> dict:
+    """One :func:`fit_on_rows` task per row group, submitted at once; {group: its ObjectRef}."""
+    import ray
+
+    task = ray.remote(num_cpus=1)(fit_on_rows)
+    return {g: task.remote(files, g, {k: (detectors[k].name, detectors[k].params()) for k in keys}, head) for g, keys in groups.items()}
+
+
+def collect_row_fits(refs: dict, detectors: dict[str, Detector], stall_timeout_s: float | None) -> None:
+    """Load the fitted states of :func:`submit_row_fits`' tasks into ``detectors``."""
+    groups = list(refs)
+    for states in ordered_map(lambda g: refs[g], groups, len(groups), stall_timeout_s, "FIT (detectors fitted on rows)"):
+        for key, state in states.items():  # writable copies: the object store's arrays are read-only
+            detectors[key].load_state_dict({a: np.array(v) for a, v in state.items()})
+
+
+def fit_from_stats(detectors: dict[str, Detector], stats: FitStats, head: Head, banks: dict) -> None:
+    """Fit the detectors not fitted on rows: a :class:`SampledBank` on its drawn bank
+    (``banks[det.bank_sample()]``), every other one from the merged ID-train statistics."""
+    for det in detectors.values():
+        if isinstance(det, SampledBank):
             det.fit_bank(banks[det.bank_sample()], head)
         else:
             det.fit_stats(stats, head)

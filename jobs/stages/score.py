@@ -1,5 +1,9 @@
 """SCORE: every detector as a column of the ``scores`` table, computed from stored features.
 
+Rows: those the scores are used on (:func:`jobs.rows.scored_rows`: the ID val and test splits, the
+OOD, extra and incoming sets). The ID train split — the detectors' own fitting data, 94% of an
+ImageNet job's rows — and the graph's sets are not scored: nothing downstream reads their scores.
+
 Cheap and CPU-only: a pool of actors (one per CPU, the fitted detectors rebuilt once per actor
 from their arrays in the object store), each reading, scoring and writing whole shards. Columns: ``image_id, dataset, split, label, subset, pred`` and one
 float32 ``score_<key>`` per configured detector. Sharded like EMBED: a shard is keyed by the FIT
@@ -18,6 +22,7 @@ import pyarrow.parquet as pq
 
 from jobs import shards, storage, store
 from jobs.config import JobConfig
+from jobs.rows import scored_rows
 from jobs.runtime import init_ray
 from jobs.shards import commit_shard
 from jobs.stages.base import Context, ShardFiles, Stage, StageResult
@@ -25,7 +30,7 @@ from jobs.storage import StageDir, column_numpy, parquet_rows, vector_to_numpy
 from jobs.workers import cluster_cpus, fetch, ordered_map
 from oodlib.detectors import Detector, ScoreInputs
 
-SHARD_VERSION = 3
+SHARD_VERSION = 4
 ID_COLUMNS = ("image_id", "dataset", "split", "label", "subset", "batch", "pred")
 
 
@@ -76,11 +81,12 @@ class ScoreWorker:
         self.detectors = {k: DETECTORS[name](**params).load_state_dict({a: np.array(v) for a, v in state.items()})
                           for k, (name, params, state) in specs.items()}
 
-    def score_shard(self, features_dir: str, out_dir: str, batch_size: int = 4096) -> int:
-        """Score one shard's features into ``out_dir`` (partitioned by dataset); returns its rows."""
+    def score_shard(self, features_dir: str, out_dir: str, rows: dict, batch_size: int = 4096) -> int:
+        """Score the ``rows`` ({dataset: splits or None}) of one shard's features into ``out_dir``
+        (partitioned by dataset); returns the rows scored."""
         if storage.committed_rows(Path(features_dir)) == 0:  # every image of the shard was quarantined
             return 0
-        table = storage.read_table(Path(features_dir))
+        table = storage.read_table(Path(features_dir), filter=storage.rows_filter(rows))
         parts = [score_batch(table.slice(i, batch_size), self.detectors) for i in range(0, table.num_rows, batch_size)]
         scored = pa.concat_tables(parts) if parts else None
         if scored is not None:
@@ -91,20 +97,23 @@ class ScoreWorker:
 
 
 def run_score(ctx: Context, features: dict[str, Path], targets: dict[str, StageDir], detectors: dict[str, Detector]) -> None:
-    """Score the feature shards ``features`` ({embed shard key: features dir}) with a pool of
-    :class:`ScoreWorker` actors and commit each shard's ``scores/`` to ``targets[key]``, in shard
-    order. A shard whose scored rows differ from its feature rows is not committed."""
+    """Score the :func:`~jobs.rows.scored_rows` of the feature shards ``features`` ({embed shard
+    key: features dir}) with a pool of :class:`ScoreWorker` actors and commit each shard's
+    ``scores/`` to ``targets[key]``, in shard order. A shard whose scored rows differ from the
+    matching feature rows is not committed."""
     import ray
 
+    wanted = scored_rows(ctx.cfg).splits()
     keys = sorted(features)
     n = min(len(keys), cluster_cpus())
     specs = ray.put(detector_specs(detectors))
     workers = [ray.remote(num_cpus=1)(ScoreWorker).remote(specs) for _ in range(n)]
     out = {k: ctx.scratch / "score" / k for k in keys}
     try:
-        submit = lambda k: workers[keys.index(k) % n].score_shard.remote(str(features[k]), str(out[k]))  # noqa: E731
+        submit = lambda k: workers[keys.index(k) % n].score_shard.remote(str(features[k]), str(out[k]), wanted)  # noqa: E731
         for key, rows in zip(keys, ordered_map(submit, keys, 2 * n, ctx.cfg.runtime.stall_timeout_s, "SCORE (one shard per unit)")):
-            expected = storage.committed_rows(features[key])
+            expected = (storage.read_table(features[key], ["split"], storage.rows_filter(wanted)).num_rows
+                        if storage.committed_rows(features[key]) else 0)
             store.pull(out[key])
             if rows != expected or parquet_rows(out[key]) != expected:
                 raise RuntimeError(f"SCORE shard {key}: {parquet_rows(out[key])} rows scored for {expected} feature rows")
@@ -138,7 +147,8 @@ class ScoreStage(Stage):
 
     def key(self, ctx: Context, up: dict) -> dict:
         features = up["embed"].features
-        self._keys = {e: storage.content_key("score-shard", SHARD_VERSION, fit=up["fit"].path.name, embed=e) for e in features}
+        self._keys = {e: storage.content_key("score-shard", SHARD_VERSION, fit=up["fit"].path.name, embed=e,
+                                              rows=scored_rows(ctx.cfg).key()) for e in features}
         return {"shards": sorted(self._keys.values())}
 
     def run(self, ctx: Context, up: dict, tmp: Path) -> None:

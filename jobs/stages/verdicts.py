@@ -9,7 +9,8 @@
 * The primary detector and risk: configured, or the best by the validation metrics (the reason
   is stated in ``primary.json``).
 * ``verdicts.parquet``: one row per input image — quarantined ones included, flagged with reason
-  ``quarantined: <why>`` — with the primary score and risk, their thresholds, the flags and reasons.
+  ``quarantined: <why>``; the fitting data SCORE does not score (ID train, the graph's sets) with
+  verdict ``unscored`` — with the primary score and risk, their thresholds, the flags and reasons.
 * ``batches.parquet``: per incoming dataset and batch, the flag rate with its Wilson interval, a
   classifier two-sample test of the batch's features against ID val and a KS test of its primary
   scores; plus the ID test rows (the expected rate).
@@ -42,6 +43,7 @@ from oodlib.verdicts import (
 )
 
 RISK_PARTS = ("val",)
+UNSCORED = "unscored"
 
 
 @dataclass
@@ -180,7 +182,24 @@ def verdict_rows(scores: pd.DataFrame, risks: pd.DataFrame | None, manifest: Man
     out["score_threshold"] = fitted[ood_column].threshold
     out["risk_threshold"] = np.nan if risk is None else risk.threshold
     q = quarantined_rows(manifest, embed)
-    return pd.concat([out, q], ignore_index=True) if len(q) else out
+    rest = unscored_rows(manifest, set(out.image_id) | set(q.image_id if len(q) else ()))
+    return pd.concat([part for part in (out, q, rest) if len(part)], ignore_index=True)
+
+
+def unscored_rows(manifest: ManifestResult, judged: set) -> pd.DataFrame:
+    """Verdict rows of the usable images SCORE does not score (:func:`jobs.rows.scored_rows`: the
+    ID train split and the graph's sets — fitting data): verdict ``unscored``, not flagged."""
+    rows = manifest.rows.select(["image_id", "dataset", "batch", "split", "label"])
+    rows = rows.filter(pa.compute.invert(pa.compute.is_in(rows.column("image_id"), pa.array(list(judged), pa.string()))))
+    n = rows.num_rows
+    df = rows.to_pandas()
+    return pd.DataFrame({
+        "image_id": df.image_id.astype(str), "dataset": df.dataset.astype(str), "batch": df.batch.fillna("").astype(str),
+        "split": df.split.astype(str), "subset": "", "label": df.label.fillna(-1).astype(int).to_numpy(), "pred": -1,
+        "score": np.nan, "risk": np.nan, "is_ood": np.zeros(n, bool), "likely_wrong": np.zeros(n, bool), "flagged": False,
+        "verdict": UNSCORED, "reasons": [[] for _ in range(n)],
+        "why": "not scored: fitting data (SCORE scores the ID val and test splits, the OOD, extra and incoming sets)",
+        "score_threshold": np.nan, "risk_threshold": np.nan})
 
 
 def quarantined_rows(manifest: ManifestResult, embed) -> pd.DataFrame:

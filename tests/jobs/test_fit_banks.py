@@ -1,7 +1,8 @@
 """FIT draws the KNN/NNGuide banks in its Ray tasks (the seeded sample by image id, file by file) and
-a ``fit_fraction`` of a split likewise: the driver never loads the train split for them. The drawn
-bank equals the library's ``fit`` on every row (with the image ids), and at fraction 1 today's bank
-(every ID-train row, in read order)."""
+fits the detectors fitted on rows in Ray tasks on a ``fit_fraction`` of their split: the driver
+never loads the train split. The drawn bank equals the library's ``fit`` on every row (with the
+image ids), and at fraction 1 today's bank (every ID-train row, in read order); a detector fitted in
+a task equals the library's fit on the same rows."""
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -13,7 +14,15 @@ import pytest
 from jobs import storage
 from jobs.rows import FIT_SEED
 from jobs.shards import commit_shard
-from jobs.stages.fit import fit_detectors, sampled_split, train_stats
+from jobs.stages.fit import (
+    collect_row_fits,
+    fit_from_stats,
+    row_groups,
+    split_rows,
+    submit_row_fits,
+    train_files,
+    train_stats,
+)
 from oodlib.detectors import Head, make_detector
 from oodlib.detectors.knn import KNN
 from oodlib.faiss_index import l2_normalize
@@ -86,31 +95,31 @@ def test_banks_drawn_in_the_workers_equal_the_library_fit(ray_local, feature_dir
     assert len(banks[0.001, 3, 50]) == 50  # the minimum: the 50 rows of smallest u
 
 
-def test_fit_detectors_uses_the_drawn_banks_and_fractions(ray_local, feature_dirs):
+def test_fit_uses_the_drawn_banks_and_fits_on_rows_in_a_task(ray_local, feature_dirs):
     ids, h, y = id_train(feature_dirs)
     head = Head(np.random.default_rng(1).normal(size=(C, D)).astype(np.float32), np.zeros(C, np.float32))
     dets = {"knn": make_detector("knn", k=3, alpha=0.2), "nnguide": make_detector("nnguide", k=3, alpha=0.2),
             "vim": make_detector("vim", dim=2)}
     samples = tuple(dict.fromkeys(d.bank_sample() for k, d in dets.items() if k != "vim"))
     stats, banks = train_stats(ctx_for(feature_dirs), feature_dirs, {"moments"}, samples)
-    loads = []
-
-    def load_split(split, columns, fraction=1.0):
-        loads.append((split, fraction))
-        return sampled_split(ctx_for(feature_dirs), feature_dirs, split, columns, fraction)
-
-    fit_detectors(dets, stats, head, load_split, banks, {"vim": 0.5})
-    assert loads == [("train", 0.5)]  # the banks came from the workers; only ViM loaded rows: half of the split
+    groups = row_groups(dets, {"vim": 0.5})
+    assert groups == {("train", (), 0.5): ["vim"]}  # the banks come from the partial-sum tasks; only ViM fits on rows
+    refs = submit_row_fits(train_files(feature_dirs, "imagenet"), groups, dets, head)
+    fit_from_stats({k: d for k, d in dets.items() if k != "vim"}, stats, head, banks)
+    collect_row_fits(refs, dets, 60)
     np.testing.assert_array_equal(dets["knn"].bank_, KNN(k=3, alpha=0.2).fit(h, y, head, image_ids=ids).bank_)
     np.testing.assert_array_equal(dets["nnguide"].bank_, make_detector("nnguide", k=3, alpha=0.2).fit(h, y, head, image_ids=ids).bank_)
     half = unit_hash(ids, FIT_SEED) < 0.5
     ref = make_detector("vim", dim=2).fit(h[half], y[half], head)
-    np.testing.assert_allclose(dets["vim"].alpha_, ref.alpha_, rtol=1e-6)
+    got = dets["vim"].state_dict()
+    assert got.keys() == ref.state_dict().keys()
+    for name, value in ref.state_dict().items():  # fitted in a task on the same rows: the same state
+        np.testing.assert_allclose(got[name], value, rtol=1e-6, atol=1e-9, err_msg=name)
 
 
-def test_sampled_split_reads_the_fraction_and_its_columns(ray_local, feature_dirs):
+def test_split_rows_reads_the_fraction_and_its_columns(ray_local, feature_dirs):
     ids, h, _ = id_train(feature_dirs)
-    hs, ys, extras = sampled_split(ctx_for(feature_dirs), feature_dirs, "train", ("gram",), 0.3)
+    hs, ys, extras = split_rows(train_files(feature_dirs, "imagenet"), "train", ("gram",), 0.3)
     keep = unit_hash(ids, FIT_SEED) < 0.3
     np.testing.assert_array_equal(hs, h[keep])
     assert len(ys) == len(extras["gram"]) == keep.sum()

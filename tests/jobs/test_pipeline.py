@@ -48,9 +48,10 @@ def test_pipeline_end_to_end_and_reuse(tmp_path, ray_local):
     feature_dirs = shards.index_dirs(summary["stages"]["embed"], "features")
     feats = storage.read_table(feature_dirs).to_pandas()
     scores = storage.read_table(shards.index_dirs(summary["stages"]["score"], "scores")).to_pandas()
-    assert len(feats) == len(scores) == 240 and set(feats.image_id) == set(scores.image_id)
-    s = scores.set_index("image_id").loc[feats.image_id]
-    logits = np.stack(feats.logits.to_numpy())
+    scored = feats[~((feats.dataset == "digits") & (feats.split == "train"))]  # all but the fitting data
+    assert len(feats) == 240 and len(scores) == len(scored) == 200 and set(scored.image_id) == set(scores.image_id)
+    s = scores.set_index("image_id").loc[scored.image_id]
+    logits = np.stack(scored.logits.to_numpy())
     np.testing.assert_allclose(s.score_msp, softmax(logits.astype(np.float64), 1).max(1), rtol=1e-5)
     np.testing.assert_allclose(s.score_maxlogit, logits.max(1), rtol=1e-6)
     np.testing.assert_allclose(s.score_energy_t2, 2.0 * logsumexp(logits / 2.0, axis=1), rtol=1e-5)
@@ -125,9 +126,11 @@ def test_quarantine_counts_reconcile(tmp_path, ray_local, digits_sets):
     dup_id = table.column("image_id")[20].as_py()
     assert sorted(q_manifest.image_id) == sorted([list(bad_ids)[3], dup_id])
     assert "out of range" in q_manifest.set_index("image_id").loc[list(bad_ids)[3], "reason"]
+    feats = storage.read_table(shards.index_dirs(summary["stages"]["embed"], "features"), ["image_id", "split", "label"]).to_pandas()
+    assert len(feats) == table.num_rows - 5 and not set(feats.image_id) & set(bad_ids)
+    assert feats.set_index("image_id").loc[dup_id, "label"] == table.column("label")[20].as_py()
     scores = storage.read_table(shards.index_dirs(summary["stages"]["score"], "scores")).to_pandas()
-    assert len(scores) == table.num_rows - 5 and not set(scores.image_id) & set(bad_ids)
-    assert scores.set_index("image_id").loc[dup_id, "label"] == table.column("label")[20].as_py()
+    assert set(scores.image_id) == set(feats.image_id[feats.split != "train"]) and scores.image_id.is_unique
 
 
 @pytest.mark.parametrize(

@@ -38,7 +38,7 @@ def test_plan_without_the_data(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "1,371,167 rows (the rows: of data.sets)" in out and "calibrated on cpu" in out
     assert "untrained weights" in out  # the weights file is elsewhere: the architecture is timed
-    assert "knn bank 12,812 rows drawn in the workers" in out and "vim loads 128,117 train rows" in out
+    assert "knn bank 12,812 rows drawn in the workers" in out and "vim fits on 128,117 train rows in a task" in out
     # ODIN is computed on the scored rows only: ID test + OOD, not the 1.28M train rows
     assert any(line.split()[:2] == ["odin", "90,000"] for line in out.splitlines())
     # the counts of a manifest instead of the config's

@@ -56,7 +56,14 @@ def test_one_verdict_per_input_image(nightly):
     _, first, _ = nightly
     verdicts = published(first, "verdicts")
     assert len(verdicts) == first["images"]["input"] and verdicts.image_id.is_unique
-    assert set(verdicts.verdict) <= {"ok", "ood", "likely-wrong", "ood+likely-wrong", "quarantined"}
+    assert set(verdicts.verdict) <= {"ok", "ood", "likely-wrong", "ood+likely-wrong", "quarantined", "unscored"}
+    # SCORE scores the ID val/test, OOD, extra and incoming rows; the ID train split (fitting data) is "unscored"
+    scores = published(first, "scores")
+    unscored = verdicts[verdicts.verdict == "unscored"]
+    assert (unscored.dataset == "digits").all() and (unscored.split == "train").all() and len(unscored) == 60
+    assert not unscored.flagged.any() and unscored.score.isna().all()
+    assert set(scores.image_id) == set(verdicts.image_id[~verdicts.verdict.isin(["unscored", "quarantined"])])
+    assert not ((scores.dataset == "digits") & (scores.split == "train")).any()
     prod = verdicts[verdicts.dataset == "prod"]
     assert sorted(prod.batch.unique()) == NIGHTS and (prod.groupby("batch").size() == 60).all()
     flagged = verdicts[verdicts.flagged]
