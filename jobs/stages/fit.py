@@ -174,11 +174,9 @@ def file_rows(paths: list[str], split: str, columns: tuple[str, ...], fraction: 
 
 def split_rows(files: list[list[str]], split: str, columns: tuple[str, ...], fraction: float) -> tuple[np.ndarray, np.ndarray, dict]:
     """The seeded ``fraction`` (1 = all) of the ID ``split`` of the features ``files`` (features,
-    labels, columns): one Ray task per shard, concatenated in file order."""
-    import ray
-
-    task = ray.remote(num_cpus=1)(file_rows)
-    parts = ray.get([task.remote(f, split, columns, fraction) for f in files])
+    labels, columns), read shard by shard in file order, in this process — in a Ray task no nested
+    tasks: a task blocked on others makes Ray start more worker processes (each importing torch)."""
+    parts = [file_rows(f, split, columns, fraction) for f in files]
     h = np.concatenate([p[0] for p in parts])
     y = np.concatenate([p[1] for p in parts])
     return h, y, {c: np.concatenate([p[2][c] for p in parts]) for c in columns}

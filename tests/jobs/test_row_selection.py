@@ -79,6 +79,20 @@ def test_fraction_rows_are_a_seeded_sample_by_image_id():
     np.testing.assert_array_equal(id_sample(ids, 0.1, FIT_SEED), tenth)
 
 
+def test_scored_rows_as_a_split_filter():
+    """SCORE's rows (jobs.rows.scored_rows) as {dataset: splits or None}, and the filter keeps exactly them."""
+    from jobs import storage
+    from jobs.rows import scored_rows
+
+    wanted = scored_rows(config()).splits()
+    assert wanted == {"digits": ("test", "val"), "digits-c": None, "digits-near": None, "noise": None, "photo-patches": None}
+    assert (RowNeeds.of(["a"], "val") | RowNeeds.of(["a"]) | RowNeeds.of(["b"], "test")).splits() == {"a": None, "b": ("test",)}
+    rows = pa.table({"dataset": ["digits", "digits", "digits", "noise", "digits-lt100"], "split": ["train", "val", "test", "test", "train"]})
+    assert rows.filter(storage.rows_filter(wanted)).to_pydict() == {"dataset": ["digits", "digits", "noise"], "split": ["val", "test", "test"]}
+    with pytest.raises(ValueError, match="fraction below 1"):
+        RowNeeds.of(["a"], "train", 0.5).splits()
+
+
 @pytest.fixture
 def counted(monkeypatch):
     """Rows each ODIN and layer-pass call gets (both are reached through their modules)."""
