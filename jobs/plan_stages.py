@@ -32,7 +32,7 @@ from jobs.config import JobConfig
 ACCEPTANCE = 0.5
 #: fixed seconds, measured on a 2-core machine: a stage's own reads/writes/bookkeeping; an EVALUATE
 #: figure, an EXPLAIN grid panel, an ERRORS risk–coverage figure; matplotlib's first import; a Ray
-#: task with the model shipped; the C2ST's process pool; torch-geometric's import; a fusion fit per row
+#: task with the model shipped; the C2ST tasks' start; torch-geometric's import; a fusion fit per row
 FIXED_S = {"stage": 0.3, "manifest_row": 6e-5, "evaluate_fig": 0.25, "panel": 0.016, "rc_fig": 0.4, "matplotlib": 0.6,
            "ray_task": 2.0, "pool": 1.5, "pyg": 1.5, "fusion_row": 3.5e-4, "threshold_elem": 2e-8, "risk_threshold": 3e-5,
            "loc_image": 2e-3}
@@ -162,7 +162,7 @@ def _verdicts(cfg: JobConfig, sz: Sizes, r: dict, detectors: int, cpus: int) -> 
     ref, inc = sz.c2st()
     folds = max(2, min(5, int(ref), int(inc))) if sz.batches else 0
     fits = len(sz.batches) * (v.drift_permutations + 1) * folds
-    jobs = max(1, min(2, cpus))
+    jobs = max(1, min(len(sz.batches), cpus))  # one Ray task per batch
     risks = 7 if cfg.errors.enabled else 0
     thresholds = (detectors * v.n_boot * id_val * FIXED_S["threshold_elem"]
                   + risks * (v.n_boot + 1) * (FIXED_S["risk_threshold"] + sz.err_val * FIXED_S["threshold_elem"]))

@@ -106,7 +106,11 @@ def init_ray():
     import ray
 
     private_token_file(create=not address)
-    ray.init(address=address or "local", log_to_driver=True, include_dashboard=False if not address else None)
+    # a local instance keeps idle workers for a minute (Ray's default: 1 s beyond one per CPU): a
+    # stage's tasks then run in the workers an earlier stage warmed, not in fresh processes that each
+    # import torch, the detectors and sklearn again (seconds of CPU per process on a small job)
+    local = {} if address else {"_system_config": {"idle_worker_killing_time_threshold_ms": 60_000}}
+    ray.init(address=address or "local", log_to_driver=True, include_dashboard=False if not address else None, **local)
     if not os.environ.get("OODLIB_VERBOSE"):
         from jobs.logs import quiet_ray_data
 

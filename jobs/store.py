@@ -22,12 +22,14 @@ copy with :func:`pull` before it commits.
 Endpoint and credentials come from the standard variables, read by pyarrow and by delta-rs alike:
 ``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``,
 ``AWS_REGION`` (``AWS_ALLOW_HTTP=true`` for a plain-http endpoint such as a local MinIO), and
-``GOOGLE_APPLICATION_CREDENTIALS`` for GCS.
+``GOOGLE_APPLICATION_CREDENTIALS`` for GCS (``STORAGE_EMULATOR_HOST``, e.g. ``http://127.0.0.1:4443``,
+points the GCS filesystem at an emulator, anonymously — what Google's client libraries honour too).
 """
 from __future__ import annotations
 
 import functools
 import os
+from datetime import timedelta
 import shutil
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -39,7 +41,8 @@ CACHE_ENV = "OODLIB_CACHE_DIR"
 SCHEMES = ("s3", "gs")
 #: the variables an object-store job needs on every node (``oodlib submit`` passes those that are set)
 STORE_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
-             "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ALLOW_HTTP", "GOOGLE_APPLICATION_CREDENTIALS", CACHE_ENV)
+             "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ALLOW_HTTP", "GOOGLE_APPLICATION_CREDENTIALS", "STORAGE_EMULATOR_HOST",
+             CACHE_ENV)
 #: parallel transfers of one directory
 TRANSFERS = 8
 
@@ -90,9 +93,10 @@ def local_path(name: str | Path) -> Path:
 
 def filesystem(scheme: str) -> pafs.FileSystem:
     """The pyarrow filesystem of a scheme (``file``, ``s3``, ``gs``), configured from the environment
-    (the endpoint: ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL``; pyarrow's own lookup covers the
-    credentials and the region)."""
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") if scheme == "s3" else None
+    (the endpoint: ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL``, ``STORAGE_EMULATOR_HOST`` for
+    GCS; pyarrow's own lookup covers the credentials and the region)."""
+    endpoint = {"s3": os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"),
+                "gs": os.environ.get("STORAGE_EMULATOR_HOST")}.get(scheme)
     return _filesystem(scheme, endpoint)
 
 
@@ -103,7 +107,11 @@ def _filesystem(scheme: str, endpoint: str | None) -> pafs.FileSystem:
         return pafs.S3FileSystem(endpoint_override=endpoint, connect_timeout=5, request_timeout=60,
                                  retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=3))
     if scheme == "gs":
-        return pafs.GcsFileSystem(retry_time_limit=60)
+        if endpoint:  # an emulator: "http://host:port" (or "host:port", plain http)
+            protocol, _, host = endpoint.rpartition("://")
+            return pafs.GcsFileSystem(anonymous=True, scheme=protocol or "http", endpoint_override=host,
+                                      retry_time_limit=timedelta(seconds=60))
+        return pafs.GcsFileSystem(retry_time_limit=timedelta(seconds=60))
     return pafs.LocalFileSystem()
 
 
@@ -153,7 +161,9 @@ def delete(path: Path) -> None:
         if kind == pafs.FileType.File:
             fs.delete_file(key)
         elif kind == pafs.FileType.Directory:
-            fs.delete_dir(key)  # recursively
+            fs.delete_dir_contents(key, missing_dir_ok=True)
+            if fs.get_file_info(key).type == pafs.FileType.Directory:  # a marker object of its own (GCS, S3: not always)
+                fs.delete_dir(key)
     if path.is_dir():
         shutil.rmtree(path, ignore_errors=True)
     else:

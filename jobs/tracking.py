@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import subprocess
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from mlflow import MlflowClient
@@ -126,22 +127,49 @@ class Tracker:
     """The MLflow side of one job. The parent run is created when the first stage is done (so a
     job refused for bad input leaves no run) and stays RUNNING while stages add their child runs
     and seconds; it ends FINISHED with the summary, or FAILED when the job fails. ``uri`` None
-    disables tracking (every method is then a no-op)."""
+    disables tracking (every method is then a no-op).
+
+    The store calls run in order on one background thread, so the stages do not wait for them (a
+    fresh SQLite store takes seconds to open: MLflow migrates its schema); an error there fails the
+    job at the next call, and :meth:`finish` returns once everything is logged."""
 
     def __init__(self, uri: str | None, experiment: str, tags: dict[str, str], params: dict, config_yaml: str = "") -> None:
         self.uri, self.experiment, self.tags, self.params, self.config_yaml = uri, experiment, tags, params, config_yaml
         self.parent: str | None = None
+        self._queue = ThreadPoolExecutor(1, thread_name_prefix="mlflow") if uri is not None else None
+        self._pending: list[Future] = []
+        self._later(self._open)  # while the first stages run
+
+    def _later(self, call, *args) -> None:
+        """Queue a store call; first raise the error of any queued call that failed."""
+        if self._queue is None:
+            return
+        for f in [f for f in self._pending if f.done()]:
+            self._pending.remove(f)
+            f.result()
+        self._pending.append(self._queue.submit(call, *args))
+
+    def _drain(self) -> None:
+        """Wait for every queued call; raise the first error."""
+        pending, self._pending = self._pending, []
+        for f in pending:
+            f.result()
+
+    def _open(self) -> None:
+        self.client = MlflowClient(self.uri)
+        self.exp_id = experiment_id(self.client, self.experiment)
+        # MLflow 3 opens an experiment without a kind on its GenAI traces page; this one is a model's
+        self.client.set_experiment_tag(self.exp_id, "mlflow.experimentKind", "custom_model_development")
 
     def parent_id(self) -> str | None:
         """The parent run's id (created now if no stage created it yet); None without tracking."""
-        return None if self.uri is None else self._start()
+        if self.uri is None:
+            return None
+        self._drain()
+        return self._start()
 
     def _start(self) -> str:
         if self.parent is None:
-            self.client = MlflowClient(self.uri)
-            self.exp_id = experiment_id(self.client, self.experiment)
-            # MLflow 3 opens an experiment without a kind on its GenAI traces page; this one is a model's
-            self.client.set_experiment_tag(self.exp_id, "mlflow.experimentKind", "custom_model_development")
             run_name = f"{self.experiment}-{time.strftime('%Y%m%d-%H%M%S')}"
             self.parent = log_run(self.client, self.exp_id, run_name, resolve_tags(self.tags), params=self.params)
             if self.config_yaml:
@@ -150,8 +178,9 @@ class Tracker:
 
     def stage(self, name: str, seconds: float, children: list) -> None:
         """A finished stage: its seconds on the parent, its child runs (:class:`jobs.stages.base.Child`)."""
-        if self.uri is None:
-            return
+        self._later(self._log_stage, name, seconds, children)
+
+    def _log_stage(self, name: str, seconds: float, children: list) -> None:
         parent = self._start()
         self.client.log_metric(parent, f"stage_seconds.{name}", seconds)
         for c in children:
@@ -161,17 +190,20 @@ class Tracker:
 
     def steps(self, series: list[tuple[str, float, int]]) -> None:
         """Metrics (key, value, step) on the parent, e.g. a flag rate per batch at step YYYYMMDD."""
-        if self.uri is None or not series:
-            return
-        parent = self._start()
+        if series:
+            self._later(self._log_steps, series)
+
+    def _log_steps(self, series: list[tuple[str, float, int]]) -> None:
         stamp = int(time.time() * 1000)
         for chunk in _chunks([Metric(k, v, stamp, step) for k, v, step in series], 1000):
-            self.client.log_batch(parent, metrics=chunk)
+            self.client.log_batch(self._start(), metrics=chunk)
 
     def finish(self, metrics: dict[str, float], artifacts: list[Path], summary: dict) -> None:
-        """Parent metrics, artifacts and ``run_summary.json``; the parent ends FINISHED."""
+        """Parent metrics, artifacts and ``run_summary.json``; the parent ends FINISHED. Returns once
+        every call of the job is in the store."""
         if self.uri is None:
             return
+        self._drain()
         parent = self._start()
         stamp = int(time.time() * 1000)
         for chunk in _chunks([Metric(k, float(v), stamp, 0) for k, v in metrics.items()], 1000):
@@ -180,7 +212,14 @@ class Tracker:
             self.client.log_artifact(parent, str(path))
         self.client.log_dict(parent, summary, "run_summary.json")
         self.client.set_terminated(parent)
+        self._queue.shutdown()
 
     def fail(self) -> None:
+        """The parent (if any) ends FAILED, after the calls already queued (their errors ignored: the job is failing anyway)."""
+        if self._queue is None:
+            return
+        for f in self._pending:
+            f.exception()
+        self._queue.shutdown()
         if self.parent is not None:
             self.client.set_terminated(self.parent, "FAILED")

@@ -96,14 +96,15 @@ class ScoreWorker:
         return table.num_rows
 
 
-def run_score(ctx: Context, features: dict[str, Path], targets: dict[str, StageDir], detectors: dict[str, Detector]) -> None:
-    """Score the :func:`~jobs.rows.scored_rows` of the feature shards ``features`` ({embed shard
-    key: features dir}) with a pool of :class:`ScoreWorker` actors and commit each shard's
-    ``scores/`` to ``targets[key]``, in shard order. A shard whose scored rows differ from the
-    matching feature rows is not committed."""
+def run_score(ctx: Context, features: dict[str, Path], targets: dict[str, StageDir], detectors: dict[str, Detector],
+              wanted: dict[str, tuple[str, ...] | None]) -> None:
+    """Score the rows ``wanted`` ({dataset: splits or None}; the job's are
+    :func:`~jobs.rows.scored_rows`) of the feature shards ``features`` ({embed shard key: features
+    dir}) with a pool of :class:`ScoreWorker` actors and commit each shard's ``scores/`` to
+    ``targets[key]``, in shard order. A shard whose scored rows differ from the matching feature
+    rows is not committed."""
     import ray
 
-    wanted = scored_rows(ctx.cfg).splits()
     keys = sorted(features)
     n = min(len(keys), cluster_cpus())
     specs = ray.put(detector_specs(detectors))
@@ -158,7 +159,7 @@ class ScoreStage(Stage):
         ctx.progress(f"recomputing {len(todo)} of {len(targets)} shards")
         if todo:
             init_ray()
-            run_score(ctx, {e: features[e] for e in todo}, todo, up["fit"].detectors)
+            run_score(ctx, {e: features[e] for e in todo}, todo, up["fit"].detectors, scored_rows(ctx.cfg).splits())
         shards.write_index(tmp, [targets[e].path for e in sorted(targets)], ctx.root, {})
 
     def intact(self, ctx: Context, up: dict, path: Path) -> bool:

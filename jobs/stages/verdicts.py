@@ -230,7 +230,7 @@ def batch_table(ctx: Context, verdicts: pd.DataFrame, scores: pd.DataFrame, feat
     Columns: dataset, batch, n, k, rate, lo, hi (any flag), ood_rate/ood_lo/ood_hi (OOD flags),
     c2st_p (classifier two-sample test of the penultimate features), ks_p (KS test of the primary
     score), quarantined (images of the batch that could not be scored, not in n)."""
-    cfg, v = ctx.cfg, ctx.cfg.verdicts
+    cfg = ctx.cfg
     id_dataset = cfg.data.id_dataset
     scored = verdicts[verdicts.verdict != "quarantined"]
     groups = scored[scored.dataset.isin(cfg.data.incoming_datasets) | ((scored.dataset == id_dataset) & (scored.split == "test"))]
@@ -242,21 +242,34 @@ def batch_table(ctx: Context, verdicts: pd.DataFrame, scores: pd.DataFrame, feat
     val_ids = scores[(scores.dataset == id_dataset) & (scores.split == "val")].image_id
     reference = features[ids.isin(val_ids)]
     ref_scores = verdicts.set_index("image_id").loc[val_ids, "score"].to_numpy()
-    c2st, ks = [], []
-    for dataset, batch in zip(table.dataset, table.batch):
-        if dataset == id_dataset:
-            c2st.append(np.nan)
-            ks.append(np.nan)
-            continue
-        rows = groups[(groups.dataset == dataset) & (groups.batch == batch)]
-        ctx.progress(f"drift of {dataset} {batch} ({len(rows)} images) against ID val")
-        c2st.append(classifier_drift_test(reference, features[ids.get_indexer(rows.image_id)],
-                                          v.drift_max_rows, v.drift_permutations, seed=v.seed).p_value)
-        ks.append(ks_drift_test(ref_scores, rows.score.to_numpy()).p_value)
-    table["c2st_p"], table["ks_p"] = c2st, ks
+    incoming = [(d, b) for d, b in zip(table.dataset, table.batch) if d != id_dataset]
+    rows = {(d, b): groups[(groups.dataset == d) & (groups.batch == b)] for d, b in incoming}
+    ctx.progress(f"drift of {len(incoming)} incoming batches against ID val ({len(reference)} images)")
+    c2st = dict(zip(incoming, c2st_p_values(ctx, reference, [features[ids.get_indexer(rows[k].image_id)] for k in incoming])))
+    table["c2st_p"] = [c2st.get(k, np.nan) for k in zip(table.dataset, table.batch)]
+    table["ks_p"] = [ks_drift_test(ref_scores, rows[k].score.to_numpy()).p_value if k in rows else np.nan
+                     for k in zip(table.dataset, table.batch)]
     held = verdicts[verdicts.verdict == "quarantined"].groupby(["dataset", "batch"]).size()
     table["quarantined"] = [int(held.get((d, b), 0)) for d, b in zip(table.dataset, table.batch)]
     return table
+
+
+def c2st_p_values(ctx: Context, reference: np.ndarray, batches: list[np.ndarray]) -> list[float]:
+    """The C2ST p-value (:func:`oodlib.verdicts.classifier_drift_test`) of each batch's features
+    against ``reference``: one Ray task per batch, spread over the cluster's CPUs."""
+    import ray
+
+    from jobs.runtime import init_ray
+    from jobs.workers import cluster_cpus, ordered_map
+
+    if not batches:
+        return []
+    init_ray()
+    v = ctx.cfg.verdicts
+    task, ref = ray.remote(num_cpus=1)(classifier_drift_test), ray.put(reference)
+    tests = ordered_map(lambda x: task.remote(ref, x, v.drift_max_rows, v.drift_permutations, seed=v.seed), batches,
+                        2 * cluster_cpus(), ctx.cfg.runtime.stall_timeout_s, "VERDICTS (a drift test per batch)")
+    return [t.p_value for t in tests]
 
 
 def read_features(feature_dirs: list[Path], parts: dict[str, tuple[str, ...] | None]) -> tuple[pd.Index, np.ndarray]:

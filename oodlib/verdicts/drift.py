@@ -30,7 +30,6 @@ result is a deterministic function of the inputs and the seed.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -61,7 +60,7 @@ def _subsample(x: np.ndarray, max_rows: int | None, rng: np.random.Generator) ->
 
 
 def classifier_drift_test(reference, incoming, max_rows: int | None = 1000, n_permutations: int = 200,
-                          cv: int = 5, C: float = 1.0, seed: int = 0, max_dims: int | None = 64) -> DriftTest:
+                          cv: int = 5, C: float = 1.0, seed: int = 0, max_dims: int | None = 64, n_jobs: int = 1) -> DriftTest:
     """C2ST of ``incoming`` (M×D features) against ``reference`` (N×D, e.g. ID-val features).
 
     Each side is subsampled to at most ``max_rows`` rows (seeded). Features wider than
@@ -71,7 +70,8 @@ def classifier_drift_test(reference, incoming, max_rows: int | None = 1000, n_pe
     ``LogisticRegression(C)`` on features standardized over the pooled rows, scored by ROC AUC over a seeded
     ``StratifiedKFold(cv)`` (fewer folds when a side has fewer than ``cv`` rows);
     ``sklearn.model_selection.permutation_test_score`` gives the p-value. ``n_permutations`` bounds
-    the smallest p-value: 1/(1 + n_permutations) — keep it well above 1/alpha.
+    the smallest p-value: 1/(1 + n_permutations) — keep it well above 1/alpha. ``n_jobs``: joblib
+    processes for the permutations (the same result for any value).
     """
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedKFold, permutation_test_score
@@ -101,12 +101,12 @@ def classifier_drift_test(reference, incoming, max_rows: int | None = 1000, n_pe
     x = StandardScaler().fit_transform(x)
     y = np.r_[np.zeros(len(ref), int), np.ones(len(inc), int)]
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-    # hundreds of small fits: one BLAS thread each, the permutations spread over the CPUs (same
-    # result for any n_jobs: each permutation's shuffle comes from the seeded generator up front)
+    # hundreds of small fits: one BLAS thread each (same result for any n_jobs: each permutation's
+    # shuffle comes from the seeded generator up front)
     with threadpool_limits(1):
         auc, _, p = permutation_test_score(LogisticRegression(C=C, max_iter=2000), x, y, cv=splitter,
                                            n_permutations=n_permutations, scoring="roc_auc", random_state=seed,
-                                           n_jobs=min(2, os.cpu_count() or 1))
+                                           n_jobs=n_jobs)
     return DriftTest("c2st", float(auc), float(p), len(ref), len(inc))
 
 

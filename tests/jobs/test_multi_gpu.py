@@ -143,7 +143,7 @@ def test_score_actors_get_the_bank_once_per_node(tmp_path, two_nodes, monkeypatc
     monkeypatch.setattr(ray, "put", lambda value, **kw: puts.append(real_put(value, **kw)) or puts[-1])
     ctx = SimpleNamespace(cfg=SimpleNamespace(runtime=SimpleNamespace(stall_timeout_s=300)), scratch=tmp_path / "scratch")
     targets = {k: StageDir(tmp_path / "scores", k, "shard-") for k in features}
-    score.run_score(ctx, features, targets, {"knn": knn})
+    score.run_score(ctx, features, targets, {"knn": knn}, {"d": None})
     assert len(puts) == 1  # the detectors' state: one object for every actor
     workers = list_actors(filters=[("class_name", "=", "ScoreWorker")], detail=True)
     assert len(workers) == 5  # one per CPU of the cluster (head 1 + 2 × 2), 8 shards

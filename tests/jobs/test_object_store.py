@@ -9,38 +9,44 @@ import pyarrow as pa
 import pytest
 
 from jobs import storage, store
-from tests.jobs.servers import s3_bucket  # noqa: F401  (the module's S3 fixture)
+from tests.jobs.servers import gcs_bucket, s3_bucket  # noqa: F401  (the module's S3 and GCS fixtures)
 from tests.jobs.test_pipeline import ray_local  # noqa: F401  (the module's Ray fixture: started after the S3 one)
 
 
-def _objects(bucket: str, prefix: str) -> dict[str, int]:
-    return store.listing(store.root_path(f"s3://{bucket}/{prefix}"))
+@pytest.fixture(params=["s3", "gs"])
+def bucket(request) -> str:
+    """``s3://<bucket>`` (moto) or ``gs://<bucket>`` (fake-gcs-server): the store protocol's tests run on both."""
+    return f"{request.param}://" + request.getfixturevalue({"s3": "s3_bucket", "gs": "gcs_bucket"}[request.param])
 
 
-def _commit(bucket: str, rows: int = 10, key: str = "k") -> storage.StageDir:
-    target = storage.stage_dir(f"s3://{bucket}/out", "exp", "score", key)
+def _objects(base: str, prefix: str) -> dict[str, int]:
+    return store.listing(store.root_path(f"{base}/{prefix}"))
+
+
+def _commit(base: str, rows: int = 10, key: str = "k") -> storage.StageDir:
+    target = storage.stage_dir(f"{base}/out", "exp", "score", key)
     with target.writing() as tmp:
         storage.write_table(pa.table({"x": np.arange(rows)}), tmp / "scores", "part-0.parquet")
         (tmp / "note.md").write_text("a table")
     return target
 
 
-def test_commit_uploads_everything_then_success_last(s3_bucket, monkeypatch):  # noqa: F811
+def test_commit_uploads_everything_then_success_last(bucket, monkeypatch):
     order = []
     upload = store.upload
     monkeypatch.setattr(store, "upload", lambda d, files, dest=None: (order.append(list(files)), upload(d, files, dest)))
-    target = _commit(s3_bucket)
+    target = _commit(bucket)
     assert order[-1] == [storage.SUCCESS] and storage.SUCCESS not in order[0]
     assert set(order[0]) == {"scores/part-0.parquet", "note.md", storage.FILES}
-    objects = _objects(s3_bucket, "out/exp/score/key=k")
+    objects = _objects(bucket, "out/exp/score/key=k")
     assert set(objects) == {"scores/part-0.parquet", "note.md", storage.FILES, storage.SUCCESS}
-    assert store.uri(target.path) == f"s3://{s3_bucket}/out/exp/score/key=k"
+    assert store.uri(target.path) == f"{bucket}/out/exp/score/key=k"
     assert target.path.is_relative_to(store.cache_root())  # the local copy is the node's mirror
     assert target.committed() and storage.problems(target.path, hashes=True) == []
     assert storage.read_table(target.path / "scores").column("x").to_pylist() == list(range(10))
 
 
-def test_interrupted_upload_is_not_committed_and_is_cleared(s3_bucket, monkeypatch):  # noqa: F811
+def test_interrupted_upload_is_not_committed_and_is_cleared(bucket, monkeypatch):
     upload = store.upload
 
     def crash_before_success(d, files, dest=None):
@@ -50,9 +56,9 @@ def test_interrupted_upload_is_not_committed_and_is_cleared(s3_bucket, monkeypat
 
     monkeypatch.setattr(store, "upload", crash_before_success)
     with pytest.raises(ConnectionError):
-        _commit(s3_bucket, key="crash")
-    target = storage.stage_dir(f"s3://{s3_bucket}/out", "exp", "score", "crash")
-    left = _objects(s3_bucket, "out/exp/score/key=crash")
+        _commit(bucket, key="crash")
+    target = storage.stage_dir(f"{bucket}/out", "exp", "score", "crash")
+    left = _objects(bucket, "out/exp/score/key=crash")
     assert "note.md" in left and storage.SUCCESS not in left  # uploaded files, but no commit
     assert not target.committed() and not target.path.exists()
     with pytest.raises(storage.DamagedError, match="not committed"):
@@ -60,12 +66,12 @@ def test_interrupted_upload_is_not_committed_and_is_cleared(s3_bucket, monkeypat
     monkeypatch.setattr(store, "upload", upload)
     with target.writing() as tmp:  # the rewrite clears the leftovers first
         (tmp / "other.md").write_text("whole")
-    assert set(_objects(s3_bucket, "out/exp/score/key=crash")) == {"other.md", storage.FILES, storage.SUCCESS}
+    assert set(_objects(bucket, "out/exp/score/key=crash")) == {"other.md", storage.FILES, storage.SUCCESS}
 
 
 @pytest.mark.parametrize("damage", ["delete", "truncate", "bitflip"])
-def test_damaged_object_is_detected(s3_bucket, damage):  # noqa: F811
-    target = _commit(s3_bucket, key=f"d-{damage}")
+def test_damaged_object_is_detected(bucket, damage):
+    target = _commit(bucket, key=f"d-{damage}")
     fs, where = store.fs_of(target.path / "scores" / "part-0.parquet")
     data = store.read_bytes(target.path / "scores" / "part-0.parquet")
     if damage == "delete":
@@ -75,7 +81,7 @@ def test_damaged_object_is_detected(s3_bucket, damage):  # noqa: F811
             out.write(data[: len(data) // 2] if damage == "truncate" else data[:100] + bytes([data[100] ^ 1]) + data[101:])
     found = storage.problems(target.path, hashes=True)
     assert len(found) == 1 and found[0].startswith("scores/part-0.parquet")
-    checked, damaged = storage.verify_tree(store.root_path(f"s3://{s3_bucket}/out/exp/score"))
+    checked, damaged = storage.verify_tree(store.root_path(f"{bucket}/out/exp/score"))
     assert checked >= 1 and list(damaged) == [target.path]
     if damage == "bitflip":  # sizes match: the cheap reuse check passes, a fresh mirror copy does not
         assert target.committed()
@@ -86,19 +92,19 @@ def test_damaged_object_is_detected(s3_bucket, damage):  # noqa: F811
             storage.fetch(target.path / "scores")
     else:
         assert not target.committed()  # discarded: the next run recomputes it
-        assert _objects(s3_bucket, f"out/exp/score/key=d-{damage}") == {}
+        assert _objects(bucket, f"out/exp/score/key=d-{damage}") == {}
 
 
-def test_mirror_is_filled_from_the_store_and_refreshed(s3_bucket):  # noqa: F811
+def test_mirror_is_filled_from_the_store_and_refreshed(bucket):
     import shutil
 
-    target = _commit(s3_bucket, key="m")
+    target = _commit(bucket, key="m")
     shutil.rmtree(target.path)  # another node: nothing mirrored yet
     assert storage.read_table(target.path / "scores").num_rows == 10  # fetched into the mirror
     assert json.loads((target.path / storage.FILES).read_text())["note.md"]["size"] == 7
     storage.discard(target.path)  # gc'd, then committed again with other content
     assert not target.path.exists()
-    _commit(s3_bucket, rows=3, key="m")
+    _commit(bucket, rows=3, key="m")
     (target.path / storage.SUCCESS).write_text("{}")  # a stale mirror copy of another commit …
     assert storage.read_table(target.path / "scores").num_rows == 3  # … is replaced
 
@@ -124,13 +130,14 @@ def test_bad_output_exits_2_before_ray(tmp_path, monkeypatch, capsys, s3_bucket,
     assert message in capsys.readouterr().err
 
 
-def test_output_uri_validation_and_probe(s3_bucket):  # noqa: F811
+def test_output_uri_validation_and_probe(bucket):
     from jobs.config import parse_config
 
-    cfg = parse_config({"experiment": "t", "output": f"s3://{s3_bucket}/a/b/"})
-    assert cfg.output == f"s3://{s3_bucket}/a/b" and isinstance(cfg.output, str)
-    assert store.root_path(cfg.output) == store.cache_root() / "s3" / s3_bucket / "a" / "b"
-    assert not [rel for rel in _objects(s3_bucket, "a") if ".oodlib-probe" in rel]  # the probe object is deleted
+    cfg = parse_config({"experiment": "t", "output": f"{bucket}/a/b/"})
+    assert cfg.output == f"{bucket}/a/b" and isinstance(cfg.output, str)
+    scheme, _, name = bucket.partition("://")
+    assert store.root_path(cfg.output) == store.cache_root() / scheme / name / "a" / "b"
+    assert not [rel for rel in _objects(bucket, "a") if ".oodlib-probe" in rel]  # the probe object is deleted
     assert parse_config({"experiment": "t", "output": "file:///tmp/x"}).output == Path("/tmp/x")
 
 

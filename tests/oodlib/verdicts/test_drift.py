@@ -44,6 +44,7 @@ def test_c2st_seeded_and_subsampled():
     ref, inc = _data(0.3)
     a = classifier_drift_test(ref, inc, max_rows=80, n_permutations=20, seed=1)
     assert a == classifier_drift_test(ref, inc, max_rows=80, n_permutations=20, seed=1)
+    assert a == classifier_drift_test(ref, inc, max_rows=80, n_permutations=20, seed=1, n_jobs=2)  # any n_jobs
     assert (a.n_reference, a.n_incoming) == (80, 80)
 
 
