@@ -253,24 +253,30 @@ def plot(results: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = [r["rows"] for r in results]
-    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (ax_t, ax_m, ax_w) = plt.subplots(1, 3, figsize=(15, 4.5))
     for s in STAGES:
         ax_t.plot(rows, [r["stages"][s]["seconds"] for r in results], "o-", label=s)
     ax_t.plot(rows, [r["total_seconds"] for r in results], "k^--", label="total")
     if len(rows) > 1:
         ax_t.plot(rows, [results[0]["total_seconds"] * n / rows[0] for n in rows], ":", color="grey", label="linear from the smallest")
     ax_t.set(xscale="log", yscale="log", xlabel="rows", ylabel="seconds", title="wall time per stage")
+    ax_t.set_ylim(bottom=ax_t.get_ylim()[0] / 30)  # room for the legend below the lines
+    ax_t.legend(fontsize=8, ncol=3, loc="lower right")
     ax_m.plot(rows, [r["driver_peak_gib"] for r in results], "o-", label="driver peak RSS")
     ax_m.plot(rows, [r["worker_peak_gib"] for r in results], "s-", label="largest worker (RSS − shared)")
-    ax_m.plot(rows, [sum(v["written_gib"] for v in r["stages"].values()) for r in results], "d-", label="bytes written (GiB)")
     ax_m.axhline(TARGETS["driver_gib"], color="C0", ls=":", label="driver target")
     ax_m.axhline(TARGETS["worker_gib"], color="C1", ls=":", label="worker target")
-    ax_m.set(xscale="log", xlabel="rows", ylabel="GiB", title="memory and output")
-    ax_t.set_ylim(top=ax_t.get_ylim()[1] * 30)  # room for the legend above the lines
-    ax_t.legend(fontsize=8, ncol=3, loc="upper left")
-    ax_m.set_ylim(0, max(TARGETS["worker_gib"], *(r["driver_peak_gib"] for r in results)) * 1.35)
+    ax_m.set(xscale="log", xlabel="rows", ylabel="GiB", title="peak memory")
+    ax_m.set_ylim(0, max(TARGETS["worker_gib"], *(r["driver_peak_gib"] for r in results), *(r["worker_peak_gib"] for r in results)) * 1.35)
     ax_m.legend(fontsize=8, ncol=2, loc="upper left")
-    for ax in (ax_t, ax_m):
+    for s in STAGES:
+        written = [r["stages"][s]["written_gib"] for r in results]
+        if max(written) > 0:
+            ax_w.plot(rows, written, "d-", label=s)
+    ax_w.plot(rows, [sum(v["written_gib"] for v in r["stages"].values()) for r in results], "k^--", label="total")
+    ax_w.set(xscale="log", yscale="log", xlabel="rows", ylabel="GiB", title="bytes written per stage")
+    ax_w.legend(fontsize=8, ncol=2, loc="upper left")
+    for ax in (ax_t, ax_m, ax_w):
         ax.grid(alpha=0.3, which="both")
     fig.suptitle("bench_scale: ImageNet-shaped run, standin-imagenet (D 2048, C 1000), local Ray")
     fig.tight_layout()
