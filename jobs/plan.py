@@ -209,7 +209,7 @@ def estimate(cfg: JobConfig, counts: dict[tuple[str, str], int], cal: Calibratio
     on_rows = sum(_bank_rows(det, d, n_split.get(det.fit_split, 0)) for det, d in dets.values() if not hasattr(det, "bank_sample"))
     stages.append(StageCost(
         "fit", n_train, f"reads {fit_read / GiB:.2f} GiB in {files} tasks", driver=driver,
-        # a row task: its rows as the per-shard tasks' views, its copy of them, a detector's working copy (ViM centres …)
+        # a row task: its rows as read shard by shard, their concatenation, a detector's working copy (ViM centres …)
         worker=ACTOR_BASE + max(3 * fit_read / files, 3 * max(groups.values(), default=0.0)), notes=notes,
         seconds=FIXED["fit"] + fit_read / READ_BPS / cal.cpus + n_train * (D * D if "second" in needs else D) * 2 / cal.flops / cal.cpus
         + (30.0 * dense * D**3 + 2.0 * on_rows * D * D) / cal.flops))

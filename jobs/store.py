@@ -29,10 +29,10 @@ from __future__ import annotations
 
 import functools
 import os
-from datetime import timedelta
 import shutil
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 from pathlib import Path
 
 import pyarrow.fs as pafs

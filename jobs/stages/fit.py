@@ -206,7 +206,10 @@ def fit_on_rows(files: list[list[str]], group: RowGroup, specs: dict[str, tuple[
     states = {}
     for key, (name, params) in specs.items():
         det = DETECTORS[name](**params)
-        det.fit(h, y, head, extras=extras) if det.fit_columns else det.fit(h, y, head)
+        if det.fit_columns:
+            det.fit(h, y, head, extras=extras)
+        else:
+            det.fit(h, y, head)
         states[key] = det.state_dict()
     return states
 

@@ -1,7 +1,7 @@
 """SCORE: every detector as a column of the ``scores`` table, computed from stored features.
 
 Rows: those the scores are used on (:func:`jobs.rows.scored_rows`: the ID val and test splits, the
-OOD, extra and incoming sets). The ID train split — the detectors' own fitting data, 94% of an
+OOD, extra and incoming sets). The ID train split — the detectors' own fitting data, 93% of an
 ImageNet job's rows — and the graph's sets are not scored: nothing downstream reads their scores.
 
 Cheap and CPU-only: a pool of actors (one per CPU, the fitted detectors rebuilt once per actor

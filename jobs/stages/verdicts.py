@@ -30,8 +30,10 @@ import pyarrow.parquet as pq
 
 from jobs import storage
 from jobs.config import JobConfig
+from jobs.runtime import init_ray
 from jobs.stages.base import Child, Context, Stage, StageResult
 from jobs.stages.manifest import ManifestResult
+from jobs.workers import cluster_cpus, ordered_map
 from oodlib.verdicts import (
     choose_primary,
     classifier_drift_test,
@@ -191,15 +193,8 @@ def unscored_rows(manifest: ManifestResult, judged: set) -> pd.DataFrame:
     ID train split and the graph's sets — fitting data): verdict ``unscored``, not flagged."""
     rows = manifest.rows.select(["image_id", "dataset", "batch", "split", "label"])
     rows = rows.filter(pa.compute.invert(pa.compute.is_in(rows.column("image_id"), pa.array(list(judged), pa.string()))))
-    n = rows.num_rows
-    df = rows.to_pandas()
-    return pd.DataFrame({
-        "image_id": df.image_id.astype(str), "dataset": df.dataset.astype(str), "batch": df.batch.fillna("").astype(str),
-        "split": df.split.astype(str), "subset": "", "label": df.label.fillna(-1).astype(int).to_numpy(), "pred": -1,
-        "score": np.nan, "risk": np.nan, "is_ood": np.zeros(n, bool), "likely_wrong": np.zeros(n, bool), "flagged": False,
-        "verdict": UNSCORED, "reasons": [[] for _ in range(n)],
-        "why": "not scored: fitting data (SCORE scores the ID val and test splits, the OOD, extra and incoming sets)",
-        "score_threshold": np.nan, "risk_threshold": np.nan})
+    return unjudged_rows(rows.to_pandas(), UNSCORED, False, [[] for _ in range(rows.num_rows)],
+                         "not scored: fitting data (SCORE scores the ID val and test splits, the OOD, extra and incoming sets)")
 
 
 def quarantined_rows(manifest: ManifestResult, embed) -> pd.DataFrame:
@@ -211,16 +206,21 @@ def quarantined_rows(manifest: ManifestResult, embed) -> pd.DataFrame:
     q = pd.concat(parts, ignore_index=True)
     if q.empty:
         return q
-    n = len(q)
-    rows = manifest.rows.select(["image_id", "batch"]).to_pandas()
-    batch_of = rows.set_index("image_id").batch
+    batch_of = manifest.rows.select(["image_id", "batch"]).to_pandas().set_index("image_id").batch
+    images = pd.DataFrame({"image_id": q.image_id, "dataset": q.dataset, "batch": q.image_id.map(batch_of), "split": q.split, "label": -1})
+    return unjudged_rows(images, "quarantined", True, [[f"quarantined:{r}"] for r in q.reason], [f"quarantined: {r}" for r in q.reason])
+
+
+def unjudged_rows(images: pd.DataFrame, verdict: str, flagged: bool, reasons: list[list[str]], why) -> pd.DataFrame:
+    """Verdict rows of images no detector judged (``images``: image_id, dataset, batch, split,
+    label): no prediction, score or risk; the given verdict, flag, reasons and ``why``."""
+    n = len(images)
     return pd.DataFrame({
-        "image_id": q.image_id.astype(str), "dataset": q.dataset.astype(str),
-        "batch": q.image_id.map(batch_of).fillna("").astype(str).to_numpy(), "split": q.split.astype(str), "subset": "",
-        "label": -1, "pred": -1,
-        "score": np.nan, "risk": np.nan, "is_ood": np.zeros(n, bool), "likely_wrong": np.zeros(n, bool), "flagged": True,
-        "verdict": "quarantined", "reasons": [[f"quarantined:{r}"] for r in q.reason], "why": [f"quarantined: {r}" for r in q.reason],
-        "score_threshold": np.nan, "risk_threshold": np.nan})
+        "image_id": images.image_id.astype(str).to_numpy(), "dataset": images.dataset.astype(str).to_numpy(),
+        "batch": images.batch.fillna("").astype(str).to_numpy(), "split": images.split.astype(str).to_numpy(), "subset": "",
+        "label": images.label.fillna(-1).astype(int).to_numpy(), "pred": -1,
+        "score": np.nan, "risk": np.nan, "is_ood": np.zeros(n, bool), "likely_wrong": np.zeros(n, bool), "flagged": flagged,
+        "verdict": verdict, "reasons": reasons, "why": why, "score_threshold": np.nan, "risk_threshold": np.nan})
 
 
 def batch_table(ctx: Context, verdicts: pd.DataFrame, scores: pd.DataFrame, feature_dirs: list[Path]) -> pd.DataFrame:
@@ -258,9 +258,6 @@ def c2st_p_values(ctx: Context, reference: np.ndarray, batches: list[np.ndarray]
     """The C2ST p-value (:func:`oodlib.verdicts.classifier_drift_test`) of each batch's features
     against ``reference``: one Ray task per batch, spread over the cluster's CPUs."""
     import ray
-
-    from jobs.runtime import init_ray
-    from jobs.workers import cluster_cpus, ordered_map
 
     if not batches:
         return []

@@ -153,3 +153,32 @@ def test_mlflow_has_the_rate_per_night_and_the_report(nightly):
         assert m.value == pytest.approx(batches.loc[day, "rate"])
     names = {a.path for a in client.list_artifacts(first["mlflow_run_id"])}
     assert {"alert.json", "report-prod.html"} <= names
+
+
+def test_unjudged_rows_quarantined_and_unscored(tmp_path):
+    """The verdict rows no detector judged, built by hand: a quarantined image (flagged, the reason,
+    its batch from the manifest) and the usable images nothing scored (``unscored``, not flagged)."""
+    from types import SimpleNamespace
+
+    import pyarrow as pa
+
+    from jobs import storage
+    from jobs.stages.manifest import ManifestResult
+    from jobs.stages.verdicts import quarantined_rows, unscored_rows
+
+    rows = pa.table({"image_id": ["t1", "t2", "v1", "p1"], "dataset": ["d", "d", "d", "prod"], "batch": [None, None, None, "n1"],
+                     "split": ["train", "train", "val", "test"], "label": pa.array([3, 4, 5, None], pa.int32())})
+    bad = pa.table({"image_id": ["q1"], "dataset": ["d"], "split": ["test"], "stage": ["manifest"], "reason": ["label 9 out of range"]},
+                   schema=storage.QUARANTINE_SCHEMA)
+    manifest = ManifestResult(tmp_path, rows, bad, "")
+    q = quarantined_rows(manifest, SimpleNamespace(quarantine=[]))
+    missing = ["score", "risk", "score_threshold", "risk_threshold"]
+    assert q.drop(columns=missing).to_dict("records") == [{
+        "image_id": "q1", "dataset": "d", "batch": "", "split": "test", "subset": "", "label": -1, "pred": -1,
+        "is_ood": False, "likely_wrong": False, "flagged": True, "verdict": "quarantined",
+        "reasons": ["quarantined:label 9 out of range"], "why": "quarantined: label 9 out of range"}]
+    assert q[missing].isna().all(axis=None)
+    u = unscored_rows(manifest, {"v1", "p1"})  # v1 and p1 were scored
+    assert list(u.image_id) == ["t1", "t2"] and list(u.label) == [3, 4] and (u.verdict == "unscored").all()
+    assert not u.flagged.any() and u.reasons.map(len).eq(0).all() and u.why.str.startswith("not scored: fitting data").all()
+    assert list(unscored_rows(manifest, {"t1", "t2", "v1"}).batch) == ["n1"]  # the batch of an unscored incoming image
