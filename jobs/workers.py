@@ -106,3 +106,91 @@ def ordered_map(submit, items: list, window: int, stall_timeout_s: float | None,
         yield ray.get(ref)
         if progress is not None:
             progress(i + 1, len(items))
+
+
+def actor_map(make_actor, call, items: list, num_actors: int, stall_timeout_s: float | None, what: str,
+              progress=None, max_attempts: int = 3):
+    """Yield the result of ``call(actor, item)`` (an ObjectRef) for every item, **in the items'
+    order**, on a pool of ``num_actors`` actors from ``make_actor()`` that survives losing actors.
+
+    - Work goes only to actors that are up: an actor placed on a node that died before Ray noticed,
+      or one that waits for a CPU another actor of the pool holds, never holds an item back.
+    - An item whose actor dies (its node lost, the process killed) runs again on another actor,
+      at most ``max_attempts`` times in all; a replacement actor is started for each one lost.
+    - An actor whose constructor raises, or an item whose call raises, fails the map at once (a bug,
+      not a lost node). Each actor has at most two items in flight, the pool ``2 * num_actors``
+      items submitted and not yet yielded (bounded driver memory).
+    - :class:`StageStalled` when nothing finishes or comes up for ``stall_timeout_s`` seconds.
+    All actors are killed when the map ends, however it ends.
+    """
+    import ray
+    from ray.exceptions import RayActorError
+
+    booting: dict = {}  # __ray_ready__ ref → actor not yet up
+    up: dict = {}  # actor → items in flight on it
+    inflight: dict = {}  # result ref → (item index, actor)
+    done: dict[int, object] = {}
+    attempts = [0] * len(items)
+    todo = list(range(len(items)))  # not yet submitted, in order (a lost item goes back to the front)
+    replacements = num_actors
+
+    def start_actor():
+        actor = make_actor()
+        booting[actor.__ray_ready__.remote()] = actor
+
+    def lose(actor) -> None:
+        nonlocal replacements
+        up.pop(actor, None)
+        ray.kill(actor)
+        if replacements > 0:
+            replacements -= 1
+            start_actor()
+
+    for _ in range(num_actors):
+        start_actor()
+    try:
+        nxt = 0
+        while nxt < len(items):
+            for actor in sorted(up, key=up.get):  # the least loaded first
+                while todo and up[actor] < 2 and len(inflight) + len(done) < 2 * num_actors:
+                    i = todo.pop(0)
+                    attempts[i] += 1
+                    inflight[call(actor, items[i])] = (i, actor)
+                    up[actor] += 1
+            if not inflight and not booting:
+                raise RuntimeError(f"{what}: every actor was lost ({nxt} of {len(items)} done)")
+            ready, _ = ray.wait([*inflight, *booting], num_returns=1, timeout=stall_timeout_s)
+            if not ready:
+                raise StageStalled(
+                    f"{what}: no progress for {stall_timeout_s:g} s ({nxt} of {len(items)} done, {len(up)} actors up, "
+                    f"{len(booting)} not yet placed); the cluster has {ray.cluster_resources()} and "
+                    f"{ray.available_resources()} free (runtime.stall_timeout_s sets the limit)")
+            ref = ready[0]
+            if ref in booting:
+                actor = booting.pop(ref)
+                try:
+                    ray.get(ref)
+                    up[actor] = 0
+                except RayActorError as exc:
+                    if exc.actor_init_failed:
+                        raise
+                    lose(actor)
+                continue
+            i, actor = inflight.pop(ref)
+            try:
+                done[i] = ray.get(ref)
+                up[actor] -= 1
+            except RayActorError as exc:
+                if attempts[i] >= max_attempts:
+                    raise RuntimeError(f"{what}: item {i} lost its actor {attempts[i]} times: {exc}") from exc
+                todo.insert(0, i)
+                if actor in up:
+                    lose(actor)
+            while nxt in done:
+                yield done.pop(nxt)
+                nxt += 1
+                if progress is not None:
+                    progress(nxt, len(items))
+    finally:
+        for actor in [*up, *booting.values()]:
+            ray.kill(actor)

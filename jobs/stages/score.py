@@ -13,6 +13,7 @@ stage directory (``score/key=…/index.json``) lists them.
 """
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from jobs.runtime import init_ray
 from jobs.shards import commit_shard
 from jobs.stages.base import Context, ShardFiles, Stage, StageResult
 from jobs.storage import StageDir, column_numpy, parquet_rows, vector_to_numpy
-from jobs.workers import cluster_cpus, fetch, ordered_map
+from jobs.workers import actor_map, cluster_cpus, fetch
 from oodlib.detectors import Detector, ScoreInputs
 
 SHARD_VERSION = 4
@@ -83,7 +84,9 @@ class ScoreWorker:
 
     def score_shard(self, features_dir: str, out_dir: str, rows: dict, batch_size: int = 4096) -> int:
         """Score the ``rows`` ({dataset: splits or None}) of one shard's features into ``out_dir``
-        (partitioned by dataset); returns the rows scored."""
+        (partitioned by dataset); returns the rows scored. Rerunnable: an earlier attempt's files
+        (its actor lost mid-write) are cleared first."""
+        shutil.rmtree(out_dir, ignore_errors=True)
         if storage.committed_rows(Path(features_dir)) == 0:  # every image of the shard was quarantined
             return 0
         table = storage.read_table(Path(features_dir), filter=storage.rows_filter(rows))
@@ -100,29 +103,25 @@ def run_score(ctx: Context, features: dict[str, Path], targets: dict[str, StageD
               wanted: dict[str, tuple[str, ...] | None]) -> None:
     """Score the rows ``wanted`` ({dataset: splits or None}; the job's are
     :func:`~jobs.rows.scored_rows`) of the feature shards ``features`` ({embed shard key: features
-    dir}) with a pool of :class:`ScoreWorker` actors and commit each shard's ``scores/`` to
+    dir}) with a pool of :class:`ScoreWorker` actors (:func:`~jobs.workers.actor_map`: a shard whose
+    actor is lost runs again on another) and commit each shard's ``scores/`` to
     ``targets[key]``, in shard order. A shard whose scored rows differ from the matching feature
     rows is not committed."""
     import ray
 
     keys = sorted(features)
-    n = min(len(keys), cluster_cpus())
     specs = ray.put(detector_specs(detectors))
-    workers = [ray.remote(num_cpus=1)(ScoreWorker).remote(specs) for _ in range(n)]
     out = {k: ctx.scratch / "score" / k for k in keys}
-    try:
-        submit = lambda k: workers[keys.index(k) % n].score_shard.remote(str(features[k]), str(out[k]), wanted)  # noqa: E731
-        for key, rows in zip(keys, ordered_map(submit, keys, 2 * n, ctx.cfg.runtime.stall_timeout_s, "SCORE (one shard per unit)")):
-            expected = (storage.read_table(features[key], ["split"], storage.rows_filter(wanted)).num_rows
-                        if storage.committed_rows(features[key]) else 0)
-            store.pull(out[key])
-            if rows != expected or parquet_rows(out[key]) != expected:
-                raise RuntimeError(f"SCORE shard {key}: {parquet_rows(out[key])} rows scored for {expected} feature rows")
-            commit_shard(targets[key], {"scores": out[key]}, {"rows": rows})
-    finally:
-        for w in workers:
-            ray.kill(w)
-
+    make_worker = lambda: ray.remote(num_cpus=1)(ScoreWorker).remote(specs)  # noqa: E731
+    score = lambda worker, k: worker.score_shard.remote(str(features[k]), str(out[k]), wanted)  # noqa: E731
+    for key, rows in zip(keys, actor_map(make_worker, score, keys, min(len(keys), cluster_cpus()),
+                                         ctx.cfg.runtime.stall_timeout_s, "SCORE (one shard per unit)")):
+        expected = (storage.read_table(features[key], ["split"], storage.rows_filter(wanted)).num_rows
+                    if storage.committed_rows(features[key]) else 0)
+        store.pull(out[key])
+        if rows != expected or parquet_rows(out[key]) != expected:
+            raise RuntimeError(f"SCORE shard {key}: {parquet_rows(out[key])} rows scored for {expected} feature rows")
+        commit_shard(targets[key], {"scores": out[key]}, {"rows": rows})
 
 @dataclass
 class ScoreResult(StageResult):

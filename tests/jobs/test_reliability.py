@@ -120,6 +120,73 @@ def test_stalled_stage_fails_with_a_clear_message(one_cpu_ray):
         list(ordered_map(lambda _: needs_two.remote(), [0], 1, 2, "TEST"))
 
 
+class Doubler:
+    """A pool actor for :func:`jobs.workers.actor_map`; its process dies on ``die_on`` the first
+    time (the marker file says it happened)."""
+
+    def __init__(self, fail: bool = False):
+        if fail:
+            raise ValueError("cannot load the detectors")
+
+    def work(self, i: int, die_on: int = -1, marker: str = "") -> int:
+        if i == die_on and not os.path.exists(marker):
+            Path(marker).touch()
+            os._exit(1)  # as when the actor's node is lost
+        if i == 99:
+            raise ValueError("item 99 is bad")
+        return 2 * i
+
+
+def test_actor_map_gives_no_work_to_an_actor_that_never_comes_up(one_cpu_ray):
+    """The CI failure: a node killed just before SCORE (not yet marked dead) got an actor, and the
+    shards dealt to it round-robin waited for it forever."""
+    import ray
+
+    from jobs.workers import actor_map
+
+    made = []
+
+    def make():  # the first actor needs a resource no node has: it is never placed
+        opts = {"resources": {"lost_node": 1}} if not made else {"num_cpus": 0}
+        made.append(ray.remote(Doubler).options(**opts).remote())
+        return made[-1]
+
+    out = list(actor_map(make, lambda a, i: a.work.remote(i), list(range(7)), 3, 60, "TEST"))
+    assert out == [2 * i for i in range(7)] and len(made) == 3
+
+
+def test_actor_map_reruns_the_item_of_a_lost_actor_elsewhere(one_cpu_ray, tmp_path):
+    import ray
+
+    from jobs.workers import actor_map
+
+    made, marker, done = [], tmp_path / "died", []
+
+    def make():
+        made.append(ray.remote(num_cpus=0)(Doubler).remote())
+        return made[-1]
+
+    out = list(actor_map(make, lambda a, i: a.work.remote(i, 4, str(marker)), list(range(9)), 2, 60, "TEST",
+                         progress=lambda n, total: done.append((n, total))))
+    assert marker.exists()  # an actor died on item 4
+    assert out == [2 * i for i in range(9)]  # and item 4 still has its result, in order
+    assert len(made) == 3  # the two, and one replacement
+    assert done == [(n, 9) for n in range(1, 10)]
+
+
+def test_actor_map_fails_at_once_on_a_bug(one_cpu_ray):
+    import ray
+
+    from jobs.workers import actor_map
+
+    make = lambda: ray.remote(num_cpus=0)(Doubler).remote()  # noqa: E731
+    with pytest.raises(ValueError, match="item 99 is bad"):
+        list(actor_map(make, lambda a, i: a.work.remote(i), [1, 99, 2], 1, 60, "TEST"))
+    broken = lambda: ray.remote(num_cpus=0)(Doubler).remote(fail=True)  # noqa: E731
+    with pytest.raises(Exception, match="cannot load the detectors"):
+        list(actor_map(broken, lambda a, i: a.work.remote(i), [1, 2], 1, 60, "TEST"))
+
+
 def test_manifest_rows_of_unknown_or_null_datasets_are_quarantined(tmp_path, one_cpu_ray, digits_sets):
     from oodlib.data.digits import ImageSet
     from oodlib.data.manifest import manifest_from_image_sets
