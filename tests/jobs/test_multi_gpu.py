@@ -109,6 +109,23 @@ def test_embed_on_cuda_equals_cpu(tmp_path, digits_model, digits_sets):
     assert sum(c["features"] for c in counts.values()) == 64
 
 
+class SlowScoreWorker:
+    """:class:`jobs.stages.score.ScoreWorker` taking a second per shard: SCORE's pool gives work to
+    the actors that are up first, and tiny shards would all be done before the other nodes' actors
+    come up (so one node would hold every actor that ran)."""
+
+    def __init__(self, specs_ref) -> None:
+        from jobs.stages.score import ScoreWorker
+
+        self.worker = ScoreWorker(specs_ref)
+
+    def score_shard(self, *args) -> int:
+        import time
+
+        time.sleep(1.0)
+        return self.worker.score_shard(*args)
+
+
 def test_score_actors_get_the_bank_once_per_node(tmp_path, two_nodes, monkeypatch):
     """SCORE puts the fitted detectors (a KNN bank here) into the object store once; every ScoreWorker
     receives the reference, so each node holding workers pulls one copy — not one per actor — and
@@ -141,13 +158,14 @@ def test_score_actors_get_the_bank_once_per_node(tmp_path, two_nodes, monkeypatc
     puts = []
     real_put = ray.put
     monkeypatch.setattr(ray, "put", lambda value, **kw: puts.append(real_put(value, **kw)) or puts[-1])
+    monkeypatch.setattr(score, "ScoreWorker", SlowScoreWorker)
     ctx = SimpleNamespace(cfg=SimpleNamespace(runtime=SimpleNamespace(stall_timeout_s=300)), scratch=tmp_path / "scratch")
     targets = {k: StageDir(tmp_path / "scores", k, "shard-") for k in features}
     score.run_score(ctx, features, targets, {"knn": knn}, {"d": None})
     assert len(puts) == 1  # the detectors' state: one object for every actor
-    workers = list_actors(filters=[("class_name", "=", "ScoreWorker")], detail=True)
+    workers = list_actors(filters=[("class_name", "=", "SlowScoreWorker")], detail=True)
     assert len(workers) == 5  # one per CPU of the cluster (head 1 + 2 × 2), 8 shards
-    worker_nodes = {a.node_id for a in workers}
+    worker_nodes = {a.node_id for a in workers} - {None}  # placed (a pool's last actors may end unplaced)
     assert {n.node_id for n in nodes} <= worker_nodes
     # a copy on each node that ran workers (Ray keeps one per node's object store; the driver's node
     # holds the primary), none elsewhere
