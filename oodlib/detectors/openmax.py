@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 from scipy.special import logsumexp
-from scipy.stats import exponweib
 
 from oodlib.detectors._util import chunks, class_sums
 from oodlib.detectors.base import Detector, Head, ScoreInputs
@@ -18,6 +17,8 @@ def fit_high(distances: np.ndarray, tailsize: int) -> tuple[float, float, float]
     """libMR's ``fit_high`` as pytorch-ood's ``LibNotMR`` does it with SciPy: a Weibull (loc 0)
     fitted by ``exponweib.fit(…, floc=0, f0=1)`` to the ``tailsize`` largest distances shifted by
     :data:`TRANSLATION` − their minimum. Returns (min of the tail, shape c, scale)."""
+    from scipy.stats import exponweib  # 0.6 s to import: not on every worker that imports the detectors
+
     tail = np.sort(np.asarray(distances, np.float64))[-tailsize:]
     lo = float(tail.min())
     params = exponweib.fit(tail + TRANSLATION - lo, floc=0, f0=1)

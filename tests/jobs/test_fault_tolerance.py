@@ -1,4 +1,4 @@
-"""Fault tolerance: a worker node killed during EMBED, a driver killed mid-job, a failing actor."""
+"""Fault tolerance: worker nodes killed during EMBED and before SCORE, a driver killed mid-job, a failing actor."""
 import os
 import signal
 import subprocess
@@ -44,14 +44,28 @@ def scores_of(summary):
     return df.sort_values("image_id").reset_index(drop=True)
 
 
-def test_worker_node_killed_during_embed(tmp_path):
+def test_worker_nodes_killed_during_embed_and_before_score(tmp_path, monkeypatch):
+    """One node is lost mid-EMBED; another just as SCORE starts, before Ray has marked it dead (so
+    SCORE's pool still counts its CPU and places an actor there). The job completes, losing nothing."""
     import ray
     from ray.cluster_utils import Cluster
     from ray.util.state import list_actors
 
+    from jobs.stages import score
+
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    workers = [cluster.add_node(num_cpus=1, num_gpus=1) for _ in range(2)]  # fake GPUs
+    workers = [cluster.add_node(num_cpus=1, num_gpus=1) for _ in range(3)]  # fake GPUs
     ray.init(address=cluster.address)
+    lost = []
+
+    def lose_a_node_then_score(*args, **kwargs):
+        node = next(w for w in workers if w not in lost)
+        lost.append(node)
+        cluster.remove_node(node, allow_graceful=False)
+        return run_score(*args, **kwargs)
+
+    run_score = score.run_score
+    monkeypatch.setattr(score, "run_score", lose_a_node_then_score)
     try:
         cfg = parse_config(job_config(tmp_path, num_gpus_per_actor=1))
         result = {}
@@ -64,6 +78,7 @@ def test_worker_node_killed_during_embed(tmp_path):
             victim = next((w for w in workers if on_worker and w.node_id == on_worker[0].node_id), None)
             time.sleep(0.2)
         assert victim is not None, "no EMBED actor came up on a worker node"
+        lost.append(victim)
         cluster.remove_node(victim, allow_graceful=False)  # mid-EMBED, without warning
         job.join(timeout=400)
         assert not job.is_alive() and "summary" in result
@@ -71,6 +86,7 @@ def test_worker_node_killed_during_embed(tmp_path):
         features = storage.read_table(shards.index_dirs(summary["stages"]["embed"], "features")).to_pandas()
         ids = features.image_id.tolist()
         assert len(ids) == len(set(ids)) == summary["counts"]["embed"]["input"]  # no loss, no duplicates
+        assert len(lost) == 2 and len(scores_of(summary)) == len(ids) - 40  # every row but the 40 ID-train ones scored
     finally:
         ray.shutdown()
         cluster.shutdown()
