@@ -1,9 +1,11 @@
 """What the driver ships to Ray workers so they rebuild its exact model: architecture name and
-the state dict as NumPy arrays (through the object store), and how many GPUs an actor takes."""
+the state dict as NumPy arrays (through the object store), and how many GPUs an actor takes; how a
+stage spreads its units of work over the cluster (:func:`ordered_map` for tasks, :func:`actor_map`
+for a pool of actors), results in order, failing with :class:`StageStalled` when nothing moves."""
 from __future__ import annotations
 
 import sys
-
+from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -67,6 +69,15 @@ class StageStalled(RuntimeError):
     """No unit of a stage's work finished within the configured stall timeout."""
 
 
+def stalled(what: str, stall_timeout_s: float, done: str, needs: str) -> StageStalled:
+    """The error of a stage in which nothing finished for ``stall_timeout_s`` seconds: how far it
+    got (``done``), what a unit needs, and the cluster's resources, total and free."""
+    import ray
+
+    return StageStalled(f"{what}: no progress for {stall_timeout_s:g} s ({done}); the cluster has {ray.cluster_resources()} "
+                        f"and {ray.available_resources()} free — {needs} (runtime.stall_timeout_s sets the limit)")
+
+
 def cluster_cpus() -> int:
     """CPUs of the Ray cluster (at least 1)."""
     import ray
@@ -99,10 +110,7 @@ def ordered_map(submit, items: list, window: int, stall_timeout_s: float | None,
                     ray.cancel(r)
                 except Exception:  # best effort: the job fails either way
                     pass
-            raise StageStalled(
-                f"{what}: no progress for {stall_timeout_s:g} s ({i} of {len(items)} done); the cluster has "
-                f"{ray.cluster_resources()} and {ray.available_resources()} free — each unit needs 1 CPU "
-                "(runtime.stall_timeout_s sets the limit)")
+            raise stalled(what, stall_timeout_s, f"{i} of {len(items)} done", "each unit needs 1 CPU")
         yield ray.get(ref)
         if progress is not None:
             progress(i + 1, len(items))
@@ -116,7 +124,8 @@ def actor_map(make_actor, call, items: list, num_actors: int, stall_timeout_s: f
     - Work goes only to actors that are up: an actor placed on a node that died before Ray noticed,
       or one that waits for a CPU another actor of the pool holds, never holds an item back.
     - An item whose actor dies (its node lost, the process killed) runs again on another actor,
-      at most ``max_attempts`` times in all; a replacement actor is started for each one lost.
+      at most ``max_attempts`` times in all; a replacement actor is started for each one lost (up
+      to ``num_actors`` replacements in all).
     - An actor whose constructor raises, or an item whose call raises, fails the map at once (a bug,
       not a lost node). Each actor has at most two items in flight, the pool ``2 * num_actors``
       items submitted and not yet yielded (bounded driver memory).
@@ -131,7 +140,7 @@ def actor_map(make_actor, call, items: list, num_actors: int, stall_timeout_s: f
     inflight: dict = {}  # result ref → (item index, actor)
     done: dict[int, object] = {}
     attempts = [0] * len(items)
-    todo = list(range(len(items)))  # not yet submitted, in order (a lost item goes back to the front)
+    todo = deque(range(len(items)))  # not yet submitted, in order (a lost item goes back to the front)
     replacements = num_actors
 
     def start_actor():
@@ -153,7 +162,7 @@ def actor_map(make_actor, call, items: list, num_actors: int, stall_timeout_s: f
         while nxt < len(items):
             for actor in sorted(up, key=up.get):  # the least loaded first
                 while todo and up[actor] < 2 and len(inflight) + len(done) < 2 * num_actors:
-                    i = todo.pop(0)
+                    i = todo.popleft()
                     attempts[i] += 1
                     inflight[call(actor, items[i])] = (i, actor)
                     up[actor] += 1
@@ -161,10 +170,8 @@ def actor_map(make_actor, call, items: list, num_actors: int, stall_timeout_s: f
                 raise RuntimeError(f"{what}: every actor was lost ({nxt} of {len(items)} done)")
             ready, _ = ray.wait([*inflight, *booting], num_returns=1, timeout=stall_timeout_s)
             if not ready:
-                raise StageStalled(
-                    f"{what}: no progress for {stall_timeout_s:g} s ({nxt} of {len(items)} done, {len(up)} actors up, "
-                    f"{len(booting)} not yet placed); the cluster has {ray.cluster_resources()} and "
-                    f"{ray.available_resources()} free (runtime.stall_timeout_s sets the limit)")
+                raise stalled(what, stall_timeout_s, f"{nxt} of {len(items)} done, {len(up)} actors up, "
+                              f"{len(booting)} not yet placed", "each actor needs 1 CPU")
             ref = ready[0]
             if ref in booting:
                 actor = booting.pop(ref)
@@ -183,7 +190,7 @@ def actor_map(make_actor, call, items: list, num_actors: int, stall_timeout_s: f
             except RayActorError as exc:
                 if attempts[i] >= max_attempts:
                     raise RuntimeError(f"{what}: item {i} lost its actor {attempts[i]} times: {exc}") from exc
-                todo.insert(0, i)
+                todo.appendleft(i)
                 if actor in up:
                     lose(actor)
             while nxt in done:

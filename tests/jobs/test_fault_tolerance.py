@@ -56,7 +56,7 @@ def test_worker_nodes_killed_during_embed_and_before_score(tmp_path, monkeypatch
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     workers = [cluster.add_node(num_cpus=1, num_gpus=1) for _ in range(3)]  # fake GPUs
     ray.init(address=cluster.address)
-    lost = []
+    lost, run_score = [], score.run_score
 
     def lose_a_node_then_score(*args, **kwargs):
         node = next(w for w in workers if w not in lost)
@@ -64,7 +64,6 @@ def test_worker_nodes_killed_during_embed_and_before_score(tmp_path, monkeypatch
         cluster.remove_node(node, allow_graceful=False)
         return run_score(*args, **kwargs)
 
-    run_score = score.run_score
     monkeypatch.setattr(score, "run_score", lose_a_node_then_score)
     try:
         cfg = parse_config(job_config(tmp_path, num_gpus_per_actor=1))

@@ -142,7 +142,7 @@ def test_actor_map_gives_no_work_to_an_actor_that_never_comes_up(one_cpu_ray):
     shards dealt to it round-robin waited for it forever."""
     import ray
 
-    from jobs.workers import actor_map
+    from jobs.workers import StageStalled, actor_map
 
     made = []
 
@@ -153,6 +153,10 @@ def test_actor_map_gives_no_work_to_an_actor_that_never_comes_up(one_cpu_ray):
 
     out = list(actor_map(make, lambda a, i: a.work.remote(i), list(range(7)), 3, 60, "TEST"))
     assert out == [2 * i for i in range(7)] and len(made) == 3
+    # and with no actor that can come up, the map fails after the stall timeout, saying so
+    never = lambda: ray.remote(Doubler).options(resources={"lost_node": 1}).remote()  # noqa: E731
+    with pytest.raises(StageStalled, match=r"no progress for 2 s \(0 of 2 done, 0 actors up, 1 not yet placed\)"):
+        list(actor_map(never, lambda a, i: a.work.remote(i), [0, 1], 1, 2, "TEST"))
 
 
 def test_actor_map_reruns_the_item_of_a_lost_actor_elsewhere(one_cpu_ray, tmp_path):
